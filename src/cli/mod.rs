@@ -1,0 +1,172 @@
+//! The command line: `keygate [--config PATH] <command>`. Each command group has its file.
+//! Errors come back as one clear line; the binary prints it and exits non-zero.
+
+mod account;
+mod key;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::manage::{ManageError, Manager};
+use crate::server::StartError;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "API-key authentication sidecar and reverse proxy")]
+pub struct Cli {
+    /// Configuration file (TOML). Without one, built-in defaults apply.
+    #[arg(long, global = true, env = "KEYGATE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log format; overrides `log.format`.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy and the admin listener.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Service accounts.
+    #[command(subcommand)]
+    Account(account::AccountCommand),
+    /// Service-account API keys.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print a summary, without starting anything.
+    Check,
+}
+
+/// A command's failure, as the one line the user sees.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError(format!("invalid configuration: {e}"))
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+impl From<ManageError> for CliError {
+    fn from(e: ManageError) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+impl From<StartError> for CliError {
+    fn from(e: StartError) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(f) = cli.log_format {
+        config.log.format = match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        };
+    }
+    match cli.command {
+        Command::Serve => {
+            crate::telemetry::init(config.log.format, &config.log.filter);
+            serve::run(config).await
+        }
+        Command::Migrate => {
+            let store = connect(&config).await?;
+            store.migrate().await?;
+            println!("migrations applied ({} at {})", store.engine(), config.database.url);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check) => {
+            println!("configuration is valid");
+            println!("  proxy.listen     {}", config.proxy.listen);
+            println!("  admin.listen     {}", config.admin.listen);
+            println!("  database.url     {}", config.database.url);
+            println!("  routes           {}", config.routes.len());
+            for r in &config.routes {
+                let methods = if r.methods.is_empty() {
+                    "*".to_string()
+                } else {
+                    r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+                };
+                println!("    {:<20} {:<24} {:<12} {:<20} -> {}", r.name, r.path_prefix, methods, r.scope, r.upstream);
+            }
+            Ok(())
+        }
+        Command::Account(cmd) => account::run(cmd, &manager(&config).await?).await,
+        Command::Key(cmd) => key::run(cmd, &manager(&config).await?, &config).await,
+    }
+}
+
+/// Opens the store for a one-shot command, with a message naming the database on failure.
+async fn connect(config: &Config) -> Result<Store, CliError> {
+    Store::connect(&config.database.url, 2)
+        .await
+        .map_err(|e| CliError(format!("cannot open database {}: {e}", config.database.url)))
+}
+
+async fn manager(config: &Config) -> Result<Manager, CliError> {
+    let store = connect(config).await?;
+    store.migrate().await?;
+    Ok(Manager::new(store, config.hashing, Clock::System)?)
+}
+
+/// Prints rows as left-aligned columns under a header.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,239 @@
+//! Configuration: a TOML file and `KEYGATE_*` environment variables, read into raw serde types
+//! that reject unknown keys, then converted once into validated types. Every error names the
+//! exact setting that is wrong (`routes[1].upstream: ...`).
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::Method;
+
+use crate::keys::Scope;
+
+/// A fully validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub database: DatabaseConfig,
+    pub last_used: LastUsedConfig,
+    pub hashing: HashingConfig,
+    pub verification: VerificationConfig,
+    pub log: LogConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Longest wait for the upstream's response head; past it the client gets 504.
+    pub upstream_timeout: Duration,
+    /// Longest silence inside a streaming body, either direction. There is deliberately no
+    /// total timeout: exports and event feeds may run for hours.
+    pub idle_timeout: Duration,
+    /// Longest time a client may take to send its request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run on after a stop signal.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub url: DatabaseUrl,
+    pub refresh_interval: Duration,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct LastUsedConfig {
+    pub flush_interval: Duration,
+}
+
+/// argon2id cost parameters for key hashes (OWASP's minimum by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashingConfig {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct VerificationConfig {
+    /// How long a successful argon2 verification is remembered (idle time).
+    pub cache_ttl: Duration,
+    pub cache_capacity: u64,
+    /// How long a failed verification is remembered, so a repeated wrong key costs no argon2.
+    pub failure_ttl: Duration,
+    /// argon2 verifications running at once (each holds a CPU and `hashing.memory_kib`).
+    pub max_concurrent: usize,
+    /// Verifications allowed to wait or run; beyond it a request gets 503 with Retry-After.
+    pub max_pending: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    pub filter: String,
+    /// One info line per proxied request.
+    pub access_log: bool,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Canonical, without a trailing slash (except the root `/`).
+    pub path_prefix: String,
+    /// Empty means every method.
+    pub methods: Vec<Method>,
+    pub upstream: Upstream,
+    pub scope: Scope,
+}
+
+/// An upstream origin: scheme, host and port, no path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// A database URL whose password never reaches a log or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Result<Self, String> {
+        let url = url.into();
+        if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl(url))
+        } else {
+            Err(format!(
+                "`{}` is not a supported database URL; use sqlite://PATH or postgres://USER@HOST/DB",
+                DatabaseUrl(url)
+            ))
+        }
+    }
+
+    /// The URL with its password; only for handing to the driver.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.0.starts_with("postgres")
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    /// Shows the URL with any password replaced by `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.0;
+        if let (Some(scheme_end), Some(at)) = (s.find("://"), s.rfind('@')) {
+            let userinfo = &s[scheme_end + 3..at];
+            if let Some(colon) = userinfo.find(':') {
+                return write!(f, "{}{}:***{}", &s[..scheme_end + 3], &userinfo[..colon], &s[at..]);
+            }
+        }
+        f.write_str(s)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// A configuration problem, naming the setting (`path`) it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or starts from the defaults when `None`), applies `KEYGATE_*` variables from
+    /// `env`, and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::new(p.display().to_string(), format!("cannot read: {e}")))?,
+            None => String::new(),
+        };
+        let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "config".into());
+        Config::from_toml(&text, &origin, env)
+    }
+
+    /// Parses TOML text (`origin` names it in errors) with environment overrides applied.
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::new(origin, e.message().to_string() + &location(text, e.span())))?;
+        raw::apply_env(&mut table, env)?;
+        let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().message().to_string()))?;
+        raw.validate()
+    }
+
+    /// The scopes the configured routes require, sorted and unique: what a key can usefully hold.
+    pub fn route_scopes(&self) -> Vec<Scope> {
+        let mut scopes: Vec<Scope> = self.routes.iter().map(|r| r.scope.clone()).collect();
+        scopes.sort();
+        scopes.dedup();
+        scopes
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The empty document is valid by construction: every setting has a default.
+        Config::from_toml("", "defaults", std::iter::empty()).expect("defaults are valid")
+    }
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

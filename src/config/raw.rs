@@ -1,0 +1,359 @@
+//! The configuration file as written, with every default, and its conversion into validated
+//! types.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::*;
+use crate::proxy::canonical_path;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConfig {
+    proxy: RawProxy,
+    admin: RawAdmin,
+    database: RawDatabase,
+    last_used: RawLastUsed,
+    hashing: RawHashing,
+    verification: RawVerification,
+    log: RawLog,
+    routes: Vec<RawRoute>,
+}
+
+/// The sections an environment variable may address, longest first so `last_used` wins over
+/// a hypothetical `last`.
+const SECTIONS: &[&str] = &["verification", "last_used", "database", "hashing", "proxy", "admin", "log"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    listen: String,
+    upstream_timeout: String,
+    idle_timeout: String,
+    header_read_timeout: String,
+    shutdown_grace: String,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            listen: "127.0.0.1:8080".into(),
+            upstream_timeout: "30s".into(),
+            idle_timeout: "60s".into(),
+            header_read_timeout: "10s".into(),
+            shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { listen: "127.0.0.1:9090".into() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDatabase {
+    url: String,
+    refresh_interval: String,
+    max_connections: u32,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase {
+            url: "sqlite://keygate.db".into(),
+            refresh_interval: "2s".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLastUsed {
+    flush_interval: String,
+}
+
+impl Default for RawLastUsed {
+    fn default() -> Self {
+        RawLastUsed { flush_interval: "10s".into() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHashing {
+    memory_kib: u32,
+    iterations: u32,
+    parallelism: u32,
+}
+
+impl Default for RawHashing {
+    fn default() -> Self {
+        RawHashing { memory_kib: 19_456, iterations: 2, parallelism: 1 }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawVerification {
+    cache_ttl: String,
+    cache_capacity: u64,
+    failure_ttl: String,
+    max_concurrent: usize,
+    max_pending: usize,
+}
+
+impl Default for RawVerification {
+    fn default() -> Self {
+        RawVerification {
+            cache_ttl: "10m".into(),
+            cache_capacity: 100_000,
+            failure_ttl: "1m".into(),
+            max_concurrent: 0,
+            max_pending: 256,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+    filter: String,
+    access_log: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { format: "text".into(), filter: "info".into(), access_log: true }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    path_prefix: String,
+    #[serde(default)]
+    methods: Vec<String>,
+    upstream: String,
+    scope: String,
+}
+
+/// Applies `KEYGATE_<SECTION>_<SETTING>=value` variables on top of the file. Values are read as
+/// TOML when they parse (`5`, `true`) and as strings otherwise (`10s`, `127.0.0.1:8080`).
+pub(super) fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("KEYGATE_") else { continue };
+        // KEYGATE_CONFIG names the file; KEYGATE_TEST_* belong to the test suite.
+        if rest == "CONFIG" || rest.starts_with("TEST_") {
+            continue;
+        }
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, key)) = SECTIONS
+            .iter()
+            .find_map(|s| rest.strip_prefix(s).and_then(|k| k.strip_prefix('_')).map(|k| (*s, k)))
+        else {
+            return Err(ConfigError::new(name, "does not name a setting (KEYGATE_<SECTION>_<SETTING>)"));
+        };
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let section_table = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), parsed);
+            }
+            _ => return Err(ConfigError::new(section, "must be a table")),
+        }
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    pub(super) fn validate(self) -> Result<Config, ConfigError> {
+        let p = &self.proxy;
+        let proxy = ProxyConfig {
+            listen: socket_addr("proxy.listen", &p.listen)?,
+            upstream_timeout: duration("proxy.upstream_timeout", &p.upstream_timeout, MS)?,
+            idle_timeout: duration("proxy.idle_timeout", &p.idle_timeout, MS)?,
+            header_read_timeout: duration("proxy.header_read_timeout", &p.header_read_timeout, MS)?,
+            shutdown_grace: duration("proxy.shutdown_grace", &p.shutdown_grace, Duration::ZERO)?,
+        };
+        let admin = AdminConfig { listen: socket_addr("admin.listen", &self.admin.listen)? };
+        if admin.listen == proxy.listen && proxy.listen.port() != 0 {
+            return Err(ConfigError::new("admin.listen", "must differ from proxy.listen"));
+        }
+
+        let d = &self.database;
+        let database = DatabaseConfig {
+            url: DatabaseUrl::new(d.url.clone()).map_err(|m| ConfigError::new("database.url", m))?,
+            refresh_interval: duration("database.refresh_interval", &d.refresh_interval, 50 * MS)?,
+            max_connections: d.max_connections,
+        };
+        if database.max_connections == 0 {
+            return Err(ConfigError::new("database.max_connections", "must be at least 1"));
+        }
+
+        let flush_interval = duration("last_used.flush_interval", &self.last_used.flush_interval, 50 * MS)?;
+        if flush_interval > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "last_used.flush_interval",
+                "must be at most 60s, so Last used is never more than a minute behind",
+            ));
+        }
+
+        let h = &self.hashing;
+        let hashing = HashingConfig { memory_kib: h.memory_kib, iterations: h.iterations, parallelism: h.parallelism };
+        crate::keys::hasher(hashing).map_err(|m| ConfigError::new("hashing", m))?;
+
+        let v = &self.verification;
+        let verification = VerificationConfig {
+            cache_ttl: duration("verification.cache_ttl", &v.cache_ttl, MS)?,
+            cache_capacity: v.cache_capacity.max(1),
+            failure_ttl: duration("verification.failure_ttl", &v.failure_ttl, Duration::ZERO)?,
+            max_concurrent: if v.max_concurrent == 0 {
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            } else {
+                v.max_concurrent
+            },
+            max_pending: v.max_pending,
+        };
+        if verification.max_pending < verification.max_concurrent {
+            return Err(ConfigError::new(
+                "verification.max_pending",
+                "must be at least verification.max_concurrent",
+            ));
+        }
+
+        let log = LogConfig {
+            format: match self.log.format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => return Err(ConfigError::new("log.format", format!("`{other}` is not one of: text, json"))),
+            },
+            filter: self.log.filter.clone(),
+            access_log: self.log.access_log,
+        };
+        tracing_subscriber::EnvFilter::try_new(&log.filter)
+            .map_err(|e| ConfigError::new("log.filter", e.to_string()))?;
+
+        let routes = validate_routes(&self.routes)?;
+        Ok(Config {
+            proxy,
+            admin,
+            database,
+            last_used: LastUsedConfig { flush_interval },
+            hashing,
+            verification,
+            log,
+            routes,
+        })
+    }
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+fn duration(path: &str, s: &str, min: Duration) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| ConfigError::new(path, format!("`{s}` is not a duration ({e}); examples: 500ms, 2s, 10m")))?;
+    if d < min {
+        return Err(ConfigError::new(path, format!("must be at least {}", humantime::format_duration(min))));
+    }
+    Ok(d)
+}
+
+fn socket_addr(path: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| ConfigError::new(path, format!("`{s}` is not an IP:port address, e.g. 127.0.0.1:8080")))
+}
+
+fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let at = |field: &str| format!("routes[{i}].{field}");
+        if r.name.is_empty()
+            || r.name.len() > 64
+            || !r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(ConfigError::new(at("name"), "must be 1-64 characters of A-Z a-z 0-9 _ . -"));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(ConfigError::new(at("name"), format!("`{}` is used by another route", r.name)));
+        }
+        let path_prefix = route_prefix(&r.path_prefix).map_err(|m| ConfigError::new(at("path_prefix"), m))?;
+        let mut methods = Vec::with_capacity(r.methods.len());
+        for (j, m) in r.methods.iter().enumerate() {
+            let method = http::Method::from_bytes(m.as_bytes())
+                .ok()
+                .filter(|_| !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()))
+                .ok_or_else(|| ConfigError::new(format!("routes[{i}].methods[{j}]"), format!("`{m}` is not an upper-case HTTP method")))?;
+            methods.push(method);
+        }
+        let upstream = upstream(&r.upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
+        let scope = Scope::new(&r.scope).map_err(|m| ConfigError::new(at("scope"), m))?;
+        let route = RouteConfig { name: r.name.clone(), path_prefix, methods, upstream, scope };
+        if let Some(other) = routes.iter().find(|o| o.path_prefix == route.path_prefix && methods_overlap(o, &route)) {
+            return Err(ConfigError::new(
+                at("path_prefix"),
+                format!("`{}` with these methods is already routed by `{}`", route.path_prefix, other.name),
+            ));
+        }
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+fn methods_overlap(a: &RouteConfig, b: &RouteConfig) -> bool {
+    a.methods.is_empty() || b.methods.is_empty() || a.methods.iter().any(|m| b.methods.contains(m))
+}
+
+fn route_prefix(s: &str) -> Result<String, String> {
+    if canonical_path(s.as_bytes()).is_err() {
+        return Err(format!(
+            "`{s}` must start with / and contain no //, /./, /../, encoded . / \\ or control characters"
+        ));
+    }
+    if s.contains('?') || s.contains('#') {
+        return Err(format!("`{s}` must be a path without query or fragment"));
+    }
+    let trimmed = s.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
+}
+
+fn upstream(s: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| format!("`{s}` needs a scheme: http://HOST:PORT"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(format!("`{s}`: only http:// upstreams are supported"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` needs a host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("`{s}` must not carry credentials"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "`{s}` must be an origin (scheme, host, port) without a path: requests keep their own path"
+        ));
+    }
+    Ok(Upstream { scheme, authority })
+}

@@ -1,0 +1,98 @@
+use super::*;
+
+fn parse(toml: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(toml, "test.toml", std::iter::empty())
+}
+
+fn parse_env(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_toml(toml, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+}
+
+#[test]
+fn the_example_file_is_valid_and_shows_the_defaults() {
+    let text = include_str!("../../config.example.toml");
+    let example = parse(text).expect("config.example.toml is valid");
+    let defaults = Config::default();
+    assert_eq!(example.proxy.listen, defaults.proxy.listen);
+    assert_eq!(example.admin.listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(example.database.url, defaults.database.url);
+    assert_eq!(example.database.refresh_interval, Duration::from_secs(2));
+    assert_eq!(example.last_used.flush_interval, Duration::from_secs(10));
+    assert_eq!(example.hashing, defaults.hashing);
+    assert_eq!(example.verification.max_pending, defaults.verification.max_pending);
+    assert_eq!(example.log.access_log, defaults.log.access_log);
+    assert_eq!(example.routes.len(), 3);
+}
+
+#[test]
+fn unknown_settings_are_rejected_with_their_path() {
+    let err = parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlisten_port = 2\n").unwrap_err();
+    assert_eq!(err.path, "proxy.listen_port");
+    assert!(err.message.contains("listen_port"), "{err}");
+    let err = parse("[[routes]]\nname=\"a\"\npath_prefix=\"/\"\nupstream=\"http://h:1\"\nscope=\"s\"\nscopes=[]\n").unwrap_err();
+    assert!(err.path.starts_with("routes[0]"), "{err}");
+    assert!(parse("[nonsense]\n").is_err());
+}
+
+#[test]
+fn invalid_values_name_the_exact_setting() {
+    let cases = [
+        ("[database]\nrefresh_interval = \"soon\"", "database.refresh_interval"),
+        ("[database]\nurl = \"mysql://x\"", "database.url"),
+        ("[proxy]\nlisten = \"localhost\"", "proxy.listen"),
+        ("[last_used]\nflush_interval = \"2m\"", "last_used.flush_interval"),
+        ("[hashing]\nmemory_kib = 1", "hashing"),
+        ("[log]\nformat = \"xml\"", "log.format"),
+        ("[[routes]]\nname=\"a\"\npath_prefix=\"/x/../y\"\nupstream=\"http://h:1\"\nscope=\"s\"", "routes[0].path_prefix"),
+        ("[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nupstream=\"http://h:1/base\"\nscope=\"s\"", "routes[0].upstream"),
+        ("[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nupstream=\"http://h:1\"\nscope=\"bad scope\"", "routes[0].scope"),
+        ("[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nmethods=[\"get\"]\nupstream=\"http://h:1\"\nscope=\"s\"", "routes[0].methods[0]"),
+    ];
+    for (toml, path) in cases {
+        let err = parse(toml).expect_err(toml);
+        assert_eq!(err.path, path, "{toml}: {err}");
+    }
+}
+
+#[test]
+fn routes_must_not_collide() {
+    let two = "[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nupstream=\"http://h:1\"\nscope=\"s\"\n\
+               [[routes]]\nname=\"b\"\npath_prefix=\"/x/\"\nmethods=[\"GET\"]\nupstream=\"http://h:1\"\nscope=\"s\"\n";
+    let err = parse(two).unwrap_err();
+    assert_eq!(err.path, "routes[1].path_prefix");
+    let dup = two.replace("name=\"b\"", "name=\"a\"").replace("/x/", "/y");
+    assert_eq!(parse(&dup).unwrap_err().path, "routes[1].name");
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let c = parse_env(
+        "[database]\nurl = \"sqlite://a.db\"\n",
+        &[
+            ("KEYGATE_DATABASE_URL", "postgres://u:secret@db/keys"),
+            ("KEYGATE_LAST_USED_FLUSH_INTERVAL", "5s"),
+            ("KEYGATE_DATABASE_MAX_CONNECTIONS", "3"),
+            ("KEYGATE_CONFIG", "ignored.toml"),
+            ("HOME", "/root"),
+        ],
+    )
+    .expect("valid");
+    assert!(c.database.url.is_postgres());
+    assert_eq!(c.last_used.flush_interval, Duration::from_secs(5));
+    assert_eq!(c.database.max_connections, 3);
+    let err = parse_env("", &[("KEYGATE_NOPE", "1")]).unwrap_err();
+    assert_eq!(err.path, "KEYGATE_NOPE");
+}
+
+#[test]
+fn database_passwords_never_show() {
+    let url = DatabaseUrl::new("postgres://keygate:hunter2@db:5432/keys").expect("valid");
+    assert_eq!(url.to_string(), "postgres://keygate:***@db:5432/keys");
+    assert!(!format!("{url:?}").contains("hunter2"));
+}
+
+#[test]
+fn syntax_errors_give_the_line() {
+    let err = parse("[proxy]\nlisten = \n").unwrap_err();
+    assert!(err.message.contains("line 2"), "{err}");
+}

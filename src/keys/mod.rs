@@ -1,0 +1,14 @@
+//! Keys without I/O: the key format and its checksum, argon2id hashing, scopes, the in-memory
+//! key table, and verification with its cache. Nothing here touches a database or a socket.
+
+mod format;
+mod hash;
+mod scope;
+mod table;
+mod verify;
+
+pub use format::{generate, parse, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey, KEY_LEN, PREFIX_LEN};
+pub use hash::{hash_key, hasher, verify_hash};
+pub use scope::{Scope, Scopes};
+pub use table::{KeyEntry, KeyId, KeyRow, KeyState, KeyTable, Owner};
+pub use verify::{Verified, Verifier, VerifyError};

@@ -1,0 +1,35 @@
+//! keygate: an API-key authentication sidecar and reverse proxy.
+//!
+//! keygate sits in front of an upstream HTTP service, checks the API key on every request
+//! against an in-memory table of argon2id key hashes, enforces a scope per route, and forwards
+//! allowed traffic with the key removed and trusted identity headers added.
+//!
+//! Layout (dependencies point downwards only):
+//!
+//! ```text
+//! cli        command-line front end (serve, migrate, config, account, key)
+//! server     starts and stops one keygate instance: listeners, background tasks, drain
+//! proxy      data plane: the request pipeline, routing, header rules, upstream client
+//! admin      control-plane listener: health and readiness
+//! manage     control-plane operations shared by the CLI and the admin API (issue, revoke)
+//! sync       keeps the in-memory key table in step with the database
+//! usage      last-used stamping, batched off the request path
+//! store      the only module that talks to a database (SQLite or PostgreSQL)
+//! keys       pure: key format, hashing, the key table, verification with its cache
+//! config     file and environment → validated configuration
+//! clock      wall-clock time, injectable for tests
+//! telemetry  tracing setup
+//! ```
+
+pub mod admin;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod keys;
+pub mod manage;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod sync;
+pub mod telemetry;
+pub mod usage;

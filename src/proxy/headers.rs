@@ -1,0 +1,272 @@
+//! Header rules: where the key comes from, what is stripped before forwarding (the key,
+//! hop-by-hop headers per RFC 9110 §7.6.1, anything nominated by `Connection`, and every
+//! client-sent spelling of keygate's identity headers and of `X-Forwarded-*`), and what is set.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Which header carried the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    Authorization,
+    XApiKey,
+}
+
+/// A credential problem found while reading headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialError {
+    /// No key at all.
+    Missing,
+    /// A key header that is not valid visible ASCII, or an empty bearer token.
+    Malformed,
+    /// Several Authorization or X-Api-Key headers, or a key in both: refused with 400.
+    Ambiguous,
+}
+
+pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_KEYGATE_ACCOUNT: HeaderName = HeaderName::from_static("x-keygate-account");
+pub static X_KEYGATE_KEY_PREFIX: HeaderName = HeaderName::from_static("x-keygate-key-prefix");
+pub static X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
+/// `Expect` is handled here too: keygate answers it itself by reading the body only after
+/// the key is accepted.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "expect",
+];
+
+/// Finds the key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. An Authorization
+/// header with another scheme is not a key and is left for the upstream.
+pub fn extract_key(headers: &HeaderMap) -> Result<(KeySource, &str), CredentialError> {
+    let mut found: Option<(KeySource, &str)> = None;
+    let mut auth = headers.get_all(header::AUTHORIZATION).iter();
+    if let Some(value) = auth.next() {
+        if auth.next().is_some() {
+            return Err(CredentialError::Ambiguous);
+        }
+        let bytes = value.as_bytes();
+        if bytes.len() >= 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+            let token = value.to_str().map_err(|_| CredentialError::Malformed)?[7..].trim_matches(' ');
+            if token.is_empty() {
+                return Err(CredentialError::Malformed);
+            }
+            found = Some((KeySource::Authorization, token));
+        }
+    }
+    let mut api_key = headers.get_all(&X_API_KEY).iter();
+    if let Some(value) = api_key.next() {
+        if api_key.next().is_some() || found.is_some() {
+            return Err(CredentialError::Ambiguous);
+        }
+        let token = value.to_str().map_err(|_| CredentialError::Malformed)?.trim_matches(' ');
+        if token.is_empty() {
+            return Err(CredentialError::Malformed);
+        }
+        found = Some((KeySource::XApiKey, token));
+    }
+    found.ok_or(CredentialError::Missing)
+}
+
+/// Is `name` one of ours or a forwarding header, in any spelling a CGI-style upstream would
+/// merge with it (`X_Keygate_Account`, `x.keygate.account`)?
+fn is_reserved(name: &str) -> bool {
+    let normalised = |b: u8| match b {
+        b'_' | b'.' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    let starts = |p: &str| name.len() >= p.len() && name.bytes().take(p.len()).map(normalised).eq(p.bytes());
+    starts("x-keygate-")
+        || starts("x-forwarded-")
+        || starts("x-real-ip")
+        || (name.len() == "forwarded".len() && starts("forwarded"))
+        || (name.len() == "x-request-id".len() && starts("x-request-id") && name != "x-request-id")
+        || (name.len() == "x-api-key".len() && starts("x-api-key"))
+}
+
+/// Removes from a request everything the upstream must not see: the key header, hop-by-hop
+/// and `Connection`-nominated headers, and client-sent identity and forwarding headers.
+pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>) {
+    strip_hop_by_hop(headers);
+    match key_source {
+        Some(KeySource::Authorization) => {
+            headers.remove(header::AUTHORIZATION);
+        }
+        Some(KeySource::XApiKey) | None => {}
+    }
+    // Header names are lower-case in a HeaderMap; only odd spellings need the slow check.
+    if headers.keys().any(|n| is_reserved(n.as_str())) {
+        let doomed: Vec<HeaderName> = headers.keys().filter(|n| is_reserved(n.as_str())).cloned().collect();
+        for name in doomed {
+            headers.remove(&name);
+        }
+    }
+}
+
+/// Removes hop-by-hop headers and those nominated by `Connection` (requests and responses).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let nominated: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in nominated {
+            headers.remove(&name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// What keygate adds to an allowed request.
+pub struct Forwarding<'a> {
+    pub client_ip: IpAddr,
+    pub proto: &'static str,
+    pub original_host: Option<HeaderValue>,
+    pub upstream_host: &'a str,
+    pub identity: &'a [HeaderValue; 3],
+    pub request_id: &'a HeaderValue,
+}
+
+/// Sets identity, forwarding and request-id headers (after `strip_request`).
+pub fn set_forwarding(headers: &mut HeaderMap, f: Forwarding<'_>) {
+    headers.insert(&X_KEYGATE_ACCOUNT, f.identity[0].clone());
+    headers.insert(&X_KEYGATE_KEY_PREFIX, f.identity[1].clone());
+    headers.insert(&X_KEYGATE_SCOPES, f.identity[2].clone());
+    let mut ip = [0u8; 40];
+    let ip = format_ip(f.client_ip, &mut ip);
+    if let Ok(v) = HeaderValue::from_str(ip) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
+    if let Some(host) = f.original_host {
+        headers.insert(&X_FORWARDED_HOST, host);
+    }
+    if let Ok(host) = HeaderValue::from_str(f.upstream_host) {
+        headers.insert(header::HOST, host);
+    }
+    headers.insert(&X_REQUEST_ID, f.request_id.clone());
+}
+
+fn format_ip(ip: IpAddr, buf: &mut [u8; 40]) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // An IPv6 address is at most 39 characters.
+    let _ = write!(cursor, "{}", ip.to_canonical());
+    let n = cursor.position() as usize;
+    std::str::from_utf8(&buf[..n]).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_bytes(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn keys_come_from_bearer_or_x_api_key() {
+        assert_eq!(extract_key(&map(&[("authorization", b"Bearer abc")])), Ok((KeySource::Authorization, "abc")));
+        assert_eq!(extract_key(&map(&[("authorization", b"bearer  abc ")])), Ok((KeySource::Authorization, "abc")));
+        assert_eq!(extract_key(&map(&[("x-api-key", b"abc")])), Ok((KeySource::XApiKey, "abc")));
+        assert_eq!(
+            extract_key(&map(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"abc")])),
+            Ok((KeySource::XApiKey, "abc")),
+            "another Authorization scheme is the upstream's business"
+        );
+    }
+
+    #[test]
+    fn missing_malformed_and_ambiguous_credentials_are_told_apart() {
+        assert_eq!(extract_key(&map(&[])), Err(CredentialError::Missing));
+        assert_eq!(extract_key(&map(&[("authorization", b"Basic x")])), Err(CredentialError::Missing));
+        assert_eq!(extract_key(&map(&[("authorization", b"Bearer ")])), Err(CredentialError::Malformed));
+        assert_eq!(extract_key(&map(&[("x-api-key", b"k\xffey")])), Err(CredentialError::Malformed));
+        assert_eq!(
+            extract_key(&map(&[("authorization", b"Bearer a"), ("authorization", b"Bearer b")])),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            extract_key(&map(&[("authorization", b"Bearer a"), ("x-api-key", b"a")])),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(extract_key(&map(&[("x-api-key", b"a"), ("x-api-key", b"b")])), Err(CredentialError::Ambiguous));
+    }
+
+    #[test]
+    fn spoofed_identity_and_hop_by_hop_headers_are_stripped() {
+        let mut h = map(&[
+            ("authorization", b"Bearer k"),
+            ("x-keygate-account", b"root"),
+            ("X_Keygate_Account", b"root"),
+            ("x.keygate.scopes", b"admin"),
+            ("X-KEYGATE-KEY-PREFIX", b"kgsAAAAA"),
+            ("x-forwarded-for", b"10.0.0.1"),
+            ("x_forwarded_for", b"10.0.0.1"),
+            ("forwarded", b"for=1.2.3.4"),
+            ("x_request_id", b"spoof"),
+            ("connection", b"close, x-secret-hop"),
+            ("x-secret-hop", b"1"),
+            ("keep-alive", b"timeout=5"),
+            ("transfer-encoding", b"chunked"),
+            ("upgrade", b"websocket"),
+            ("te", b"trailers"),
+            ("accept", b"*/*"),
+            ("x-request-id", b"abc"),
+        ]);
+        strip_request(&mut h, Some(KeySource::Authorization));
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, vec!["accept", "x-request-id"]);
+    }
+
+    #[test]
+    fn an_x_api_key_is_stripped_and_other_authorization_kept() {
+        let mut h = map(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"k"), ("X_Api_Key", b"k")]);
+        strip_request(&mut h, Some(KeySource::XApiKey));
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["authorization"]);
+    }
+
+    #[test]
+    fn forwarding_headers_are_set_after_stripping() {
+        let mut h = HeaderMap::new();
+        let identity = [HeaderValue::from_static("billing"), HeaderValue::from_static("kgsAAAAA"), HeaderValue::from_static("a b")];
+        let rid = HeaderValue::from_static("r1");
+        set_forwarding(
+            &mut h,
+            Forwarding {
+                client_ip: "::ffff:127.0.0.1".parse().expect("ip"),
+                proto: "http",
+                original_host: Some(HeaderValue::from_static("api.example")),
+                upstream_host: "127.0.0.1:9000",
+                identity: &identity,
+                request_id: &rid,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h["host"], "127.0.0.1:9000");
+        assert_eq!(h["x-keygate-scopes"], "a b");
+    }
+}

@@ -1,0 +1,222 @@
+//! The request pipeline, in the order the module notes list.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::{Parts, PathAndQuery};
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{IdleTimeout, ProxyBody};
+use super::error::{AuthFailure, Rejection};
+use super::headers::{extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding, KeySource, X_REQUEST_ID};
+use super::path::canonical_path;
+use super::route::Route;
+use super::ProxyState;
+use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
+
+/// What the pipeline learnt about a request, for the access log.
+#[derive(Default)]
+struct Trail<'s> {
+    route: Option<&'s str>,
+    prefix: Option<KeyPrefix>,
+    entry: Option<Arc<KeyEntry>>,
+}
+
+/// An authorised request: where it goes and whose key carried it.
+struct Grant<'s> {
+    route: &'s Route,
+    entry: Arc<KeyEntry>,
+    source: KeySource,
+}
+
+/// Runs one request through the pipeline. Never fails: every error is a response.
+pub(super) async fn handle(state: &ProxyState, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let request_id = request_id(&req);
+    let method = req.method().clone();
+    let mut trail = Trail::default();
+
+    let authorised = authorize(state, &req, &mut trail).await;
+    let auth_us = started.elapsed().as_micros() as u64;
+    let (mut response, outcome, reason) = match authorised {
+        Ok(grant) => {
+            let upstream_started = Instant::now();
+            let result = forward(state, grant, peer, req, &request_id).await;
+            let upstream_ms = upstream_started.elapsed().as_millis() as u64;
+            match result {
+                Ok(response) => {
+                    log_access(state, &request_id, &method, &trail, response.status().as_u16(), "allowed", "-", auth_us, upstream_ms);
+                    let mut response = response;
+                    response.headers_mut().insert(&X_REQUEST_ID, request_id);
+                    return response;
+                }
+                Err(rejection) => {
+                    let (outcome, reason) = (rejection.outcome(), rejection.reason());
+                    (rejection.into_response(), outcome, reason)
+                }
+            }
+        }
+        Err(rejection) => {
+            let (outcome, reason) = (rejection.outcome(), rejection.reason());
+            (rejection.into_response(), outcome, reason)
+        }
+    };
+    log_access(state, &request_id, &method, &trail, response.status().as_u16(), outcome, reason, auth_us, 0);
+    response.headers_mut().insert(&X_REQUEST_ID, request_id);
+    response
+}
+
+/// Steps 1–6: everything that decides whether the request may pass.
+async fn authorize<'s>(state: &'s ProxyState, req: &Request<Incoming>, trail: &mut Trail<'s>) -> Result<Grant<'s>, Rejection> {
+    if state.table.synced_at().is_none() {
+        return Err(Rejection::NotReady);
+    }
+    let headers = req.headers();
+    // hyper lets Content-Length and Transfer-Encoding through together; an upstream or a
+    // middlebox may frame such a request differently, so refuse it (RFC 9112 §6.3).
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err(Rejection::BadRequest("content_length_with_transfer_encoding"));
+    }
+    if req.method() == Method::CONNECT {
+        return Err(Rejection::BadRequest("connect_not_supported"));
+    }
+    let path = req.uri().path();
+    canonical_path(path.as_bytes()).map_err(|_| Rejection::BadRequest("non_canonical_path"))?;
+
+    let route = state.router.find(req.method(), path).ok_or(Rejection::NoRoute)?;
+    trail.route = Some(&route.name);
+
+    let (source, text) = extract_key(headers).map_err(|e| match e {
+        CredentialError::Missing => Rejection::Unauthorized(AuthFailure::Missing),
+        CredentialError::Malformed => Rejection::Unauthorized(AuthFailure::Malformed),
+        CredentialError::Ambiguous => Rejection::BadRequest("ambiguous_credentials"),
+    })?;
+    let key = keys::parse(text).map_err(|_| Rejection::Unauthorized(AuthFailure::Malformed))?;
+    trail.prefix = Some(key.prefix);
+
+    let entry = state.table.lookup(&key.prefix).ok_or(Rejection::Unauthorized(AuthFailure::Unknown))?;
+    // Revocation and expiry come from the live table before any cache is consulted.
+    match entry.state(state.clock.now_ms()) {
+        KeyState::Active => {}
+        KeyState::Revoked => return Err(Rejection::Unauthorized(AuthFailure::Revoked)),
+        KeyState::Expired => return Err(Rejection::Unauthorized(AuthFailure::Expired)),
+    }
+    state.verifier.verify(&entry, &key).await.map_err(|e| match e {
+        VerifyError::Mismatch => Rejection::Unauthorized(AuthFailure::Unknown),
+        VerifyError::Busy => Rejection::Busy,
+    })?;
+    trail.entry = Some(entry.clone());
+
+    if !entry.scopes.contains(&route.scope) {
+        return Err(Rejection::Forbidden(route.scope.clone()));
+    }
+    Ok(Grant { route, entry, source })
+}
+
+/// Steps 7–9 for an authorised request.
+async fn forward(
+    state: &ProxyState,
+    grant: Grant<'_>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Response<ProxyBody>, Rejection> {
+    let (mut parts, body) = req.into_parts();
+    let original_host = parts
+        .headers
+        .get(HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+
+    strip_request(&mut parts.headers, Some(grant.source));
+    let upstream = &grant.route.upstream;
+    set_forwarding(
+        &mut parts.headers,
+        Forwarding {
+            client_ip: peer.ip(),
+            proto: "http",
+            original_host,
+            upstream_host: upstream.authority.as_str(),
+            identity: &grant.entry.identity,
+            request_id,
+        },
+    );
+    let mut uri = Parts::default();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    parts.uri = Uri::from_parts(uri).map_err(|_| Rejection::BadRequest("bad_request_target"))?;
+    parts.version = Version::HTTP_11;
+
+    state.usage.record(&grant.entry, state.clock.now_ms());
+    let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
+    let response = state.client.send(request).await?;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(IdleTimeout::new(body, state.idle_timeout))))
+}
+
+/// The client's `X-Request-Id` when it is a sane token, else a fresh one.
+fn request_id(req: &Request<Incoming>) -> HeaderValue {
+    if let Some(v) = req.headers().get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        let mut b = [0u8; 8];
+        let _ = getrandom::getrandom(&mut b);
+        u64::from_le_bytes(b)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut buf = [0u8; 32];
+    hex_into(&mut buf[..16], base);
+    hex_into(&mut buf[16..], n);
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn hex_into(out: &mut [u8], mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_access(
+    state: &ProxyState,
+    request_id: &HeaderValue,
+    method: &Method,
+    trail: &Trail<'_>,
+    status: u16,
+    outcome: &str,
+    reason: &str,
+    auth_us: u64,
+    upstream_ms: u64,
+) {
+    if !state.access_log {
+        return;
+    }
+    tracing::info!(
+        target: "keygate::access",
+        request_id = request_id.to_str().unwrap_or("-"),
+        route = trail.route.unwrap_or("-"),
+        method = method.as_str(),
+        status,
+        outcome,
+        reason,
+        key_prefix = trail.prefix.as_ref().map(KeyPrefix::as_str).unwrap_or("-"),
+        account = trail.entry.as_ref().map(|e| e.owner.name()).unwrap_or("-"),
+        auth_us,
+        upstream_ms,
+        "request"
+    );
+}

@@ -1,0 +1,127 @@
+//! Routing: the longest `path_prefix` that matches the path on a segment boundary and allows
+//! the method wins. No match means 404 and nothing reaches an upstream.
+
+use http::Method;
+
+use crate::config::{RouteConfig, Upstream};
+use crate::keys::Scope;
+
+/// One configured route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    prefix: String,
+    methods: Vec<Method>,
+    pub upstream: Upstream,
+    pub scope: Scope,
+}
+
+/// Routes ordered longest prefix first.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    pub fn new(config: &[RouteConfig]) -> Router {
+        let mut routes: Vec<Route> = config
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                prefix: r.path_prefix.clone(),
+                methods: r.methods.clone(),
+                upstream: r.upstream.clone(),
+                scope: r.scope.clone(),
+            })
+            .collect();
+        // Stable: among equal prefixes (different methods) the file's order is kept.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Router { routes }
+    }
+
+    /// The route for `method` and `path` (the path without its query).
+    pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+impl Route {
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        let prefix_ok = self.prefix == "/"
+            || (path.starts_with(&self.prefix)
+                && matches!(path.as_bytes().get(self.prefix.len()), None | Some(b'/')));
+        prefix_ok && (self.methods.is_empty() || self.methods.contains(method))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router(toml: &str) -> Router {
+        Router::new(&Config::from_toml(toml, "test", std::iter::empty()).expect("valid config").routes)
+    }
+
+    const ROUTES: &str = r#"
+        [[routes]]
+        name = "root"
+        path_prefix = "/"
+        upstream = "http://127.0.0.1:1"
+        scope = "any"
+        [[routes]]
+        name = "rec-read"
+        path_prefix = "/recordings"
+        methods = ["GET", "HEAD"]
+        upstream = "http://127.0.0.1:2"
+        scope = "recordings:read"
+        [[routes]]
+        name = "rec-write"
+        path_prefix = "/recordings/"
+        methods = ["POST"]
+        upstream = "http://127.0.0.1:2"
+        scope = "recordings:write"
+        [[routes]]
+        name = "export"
+        path_prefix = "/recordings/export"
+        upstream = "http://127.0.0.1:3"
+        scope = "recordings:export"
+    "#;
+
+    fn name(r: &Router, m: Method, p: &str) -> Option<String> {
+        r.find(&m, p).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn the_longest_matching_prefix_with_the_method_wins() {
+        let r = router(ROUTES);
+        assert_eq!(name(&r, Method::GET, "/recordings/42").as_deref(), Some("rec-read"));
+        assert_eq!(name(&r, Method::POST, "/recordings/42").as_deref(), Some("rec-write"));
+        assert_eq!(name(&r, Method::GET, "/recordings/export/7").as_deref(), Some("export"));
+        assert_eq!(name(&r, Method::GET, "/recordings").as_deref(), Some("rec-read"));
+        assert_eq!(name(&r, Method::DELETE, "/recordings/42").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments_only() {
+        let r = router(ROUTES);
+        assert_eq!(name(&r, Method::GET, "/recordingsX").as_deref(), Some("root"));
+        assert_eq!(name(&r, Method::GET, "/recordings/exporter").as_deref(), Some("rec-read"));
+    }
+
+    #[test]
+    fn without_a_root_route_unmatched_paths_find_nothing() {
+        let r = router(&ROUTES.replacen("path_prefix = \"/\"\n", "path_prefix = \"/other\"\n", 1));
+        assert_eq!(name(&r, Method::GET, "/tickets"), None);
+        assert_eq!(name(&r, Method::GET, "/"), None);
+        assert_eq!(name(&r, Method::GET, "/Recordings/1"), None, "routes are case-sensitive");
+    }
+}

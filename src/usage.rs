@@ -1,0 +1,77 @@
+//! Last-used stamping off the request path. A request only bumps an atomic on its key entry
+//! and, at most once per flush, queues the entry; a background task writes the newest time per
+//! key in one statement per table every `last_used.flush_interval`, and once more at shutdown.
+//! The queue holds at most one slot per key, so it is bounded by the table's size.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::{KeyEntry, KeyKind};
+use crate::store::{Store, StoreError};
+
+#[derive(Default)]
+pub struct Usage {
+    queue: Mutex<Vec<Arc<KeyEntry>>>,
+}
+
+impl Usage {
+    pub fn new() -> Usage {
+        Usage::default()
+    }
+
+    /// Notes that `entry` was used at `now_ms`. Cheap: one relaxed load in the common case.
+    pub fn record(&self, entry: &Arc<KeyEntry>, now_ms: i64) {
+        if entry.note_use(now_ms) {
+            self.queue.lock().unwrap_or_else(PoisonError::into_inner).push(entry.clone());
+        }
+    }
+
+    /// Keys waiting to be stamped.
+    pub fn pending(&self) -> usize {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Writes every pending stamp. On failure the stamps go back in the queue for the next try.
+    pub async fn flush(&self, store: &Store) -> Result<usize, StoreError> {
+        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let (mut keys, mut gateways) = (Vec::new(), Vec::new());
+        for entry in &batch {
+            let stamp = (entry.id.id, entry.take_stamp());
+            match entry.id.kind {
+                KeyKind::ServiceAccount => keys.push(stamp),
+                KeyKind::Gateway => gateways.push(stamp),
+            }
+        }
+        match store.stamp_last_used(&keys, &gateways).await {
+            Ok(()) => Ok(batch.len()),
+            Err(e) => {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                queue.extend(batch.into_iter().filter(|entry| entry.requeue_stamp()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes every `interval` until `shutdown`, then flushes once more.
+    pub async fn run(self: Arc<Self>, store: Store, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            let stop = tokio::select! {
+                () = tokio::time::sleep(interval) => false,
+                () = shutdown.cancelled() => true,
+            };
+            match self.flush(&store).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(keys = n, "last_used stamps written"),
+                Err(e) => tracing::warn!(error = %e, pending = self.pending(), "writing last_used stamps failed; will retry"),
+            }
+            if stop {
+                break;
+            }
+        }
+    }
+}
