@@ -65,7 +65,9 @@ pub fn rfc3339(ms: i64) -> String {
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s.trim())
         .map(|t| t.timestamp_millis())
-        .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp ({e}); example: 2026-12-01T09:00:00Z"))
+        .map_err(|e| {
+            format!("`{s}` is not an RFC 3339 timestamp ({e}); example: 2026-12-01T09:00:00Z")
+        })
 }
 
 /// Parses a humane duration such as `90s`, `15m`, `7d` into milliseconds.

@@ -76,10 +76,19 @@ pub struct Manager {
 impl Manager {
     pub fn new(store: Store, hashing: HashingConfig, clock: Clock) -> Result<Manager, ManageError> {
         let argon = keys::hasher(hashing).map_err(ManageError::Invalid)?;
-        Ok(Manager { store, argon, clock })
+        Ok(Manager {
+            store,
+            argon,
+            clock,
+        })
     }
 
-    pub async fn create_account(&self, name: &str, description: &str, actor: &Actor) -> Result<Account, ManageError> {
+    pub async fn create_account(
+        &self,
+        name: &str,
+        description: &str,
+        actor: &Actor,
+    ) -> Result<Account, ManageError> {
         validate_account_name(name)?;
         let now = self.clock.now_ms();
         let account = Account {
@@ -89,7 +98,13 @@ impl Manager {
             created_at: now,
             created_by: actor.label(),
         };
-        let audit = self.audit(actor, "service_account.created", None, None, json!({ "account": name }));
+        let audit = self.audit(
+            actor,
+            "service_account.created",
+            None,
+            None,
+            json!({ "account": name }),
+        );
         Ok(self.store.create_account(&account, &audit).await?)
     }
 
@@ -114,7 +129,10 @@ impl Manager {
         let now = self.clock.now_ms();
         if let Some(at) = expires_at {
             if at <= now {
-                return Err(ManageError::Invalid(format!("expires_at {} is not in the future", rfc3339(at))));
+                return Err(ManageError::Invalid(format!(
+                    "expires_at {} is not in the future",
+                    rfc3339(at)
+                )));
             }
         }
         if self.store.key_by_name(account.id, name).await?.is_some() {
@@ -166,13 +184,18 @@ impl Manager {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ManageError::Conflict("could not find a free key prefix; try again".into()))
+        Err(ManageError::Conflict(
+            "could not find a free key prefix; try again".into(),
+        ))
     }
 
     /// The key with `prefix` (as shown in lists).
     pub async fn key_by_prefix(&self, prefix: &str) -> Result<KeyRecord, ManageError> {
-        let parsed = KeyPrefix::parse(prefix)
-            .map_err(|_| ManageError::Invalid(format!("`{prefix}` is not a key prefix (8 characters, e.g. kgsA1b2C)")))?;
+        let parsed = KeyPrefix::parse(prefix).map_err(|_| {
+            ManageError::Invalid(format!(
+                "`{prefix}` is not a key prefix (8 characters, e.g. kgsA1b2C)"
+            ))
+        })?;
         if parsed.kind() != KeyKind::ServiceAccount {
             return Err(ManageError::Invalid(format!(
                 "`{prefix}` is a gateway key; gateway keys are managed by pairing (unpair or re-pair the gateway)"
@@ -185,7 +208,11 @@ impl Manager {
     }
 
     /// Revokes a key at once. It is refused everywhere on the next table refresh.
-    pub async fn revoke_key(&self, record: &KeyRecord, actor: &Actor) -> Result<KeyRecord, ManageError> {
+    pub async fn revoke_key(
+        &self,
+        record: &KeyRecord,
+        actor: &Actor,
+    ) -> Result<KeyRecord, ManageError> {
         let prefix = KeyPrefix::parse(&record.prefix).ok();
         let scopes = Scopes::parse_stored(&record.scopes).unwrap_or_default();
         let audit = self.audit(
@@ -195,11 +222,19 @@ impl Manager {
             Some(&scopes),
             json!({ "change": "key.revoked", "account": record.account_name, "key_name": record.name }),
         );
-        Ok(self.store.revoke_key(record.id, self.clock.now_ms(), &actor.label(), &audit).await?)
+        Ok(self
+            .store
+            .revoke_key(record.id, self.clock.now_ms(), &actor.label(), &audit)
+            .await?)
     }
 
     /// Sets (or with `None` clears) when a key stops working. A time in the past expires it now.
-    pub async fn set_expiry(&self, record: &KeyRecord, expires_at: Option<i64>, actor: &Actor) -> Result<KeyRecord, ManageError> {
+    pub async fn set_expiry(
+        &self,
+        record: &KeyRecord,
+        expires_at: Option<i64>,
+        actor: &Actor,
+    ) -> Result<KeyRecord, ManageError> {
         let prefix = KeyPrefix::parse(&record.prefix).ok();
         let scopes = Scopes::parse_stored(&record.scopes).unwrap_or_default();
         let audit = self.audit(
@@ -215,7 +250,10 @@ impl Manager {
                 "to": expires_at.map(rfc3339),
             }),
         );
-        Ok(self.store.set_key_expiry(record.id, expires_at, &audit).await?)
+        Ok(self
+            .store
+            .set_key_expiry(record.id, expires_at, &audit)
+            .await?)
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -248,7 +286,9 @@ pub fn validate_account_name(name: &str) -> Result<(), ManageError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -261,14 +301,18 @@ pub fn validate_account_name(name: &str) -> Result<(), ManageError> {
 fn validate_key_name(name: &str) -> Result<&str, ManageError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(ManageError::Invalid("a key name must be 1-100 printable characters".into()));
+        return Err(ManageError::Invalid(
+            "a key name must be 1-100 printable characters".into(),
+        ));
     }
     Ok(name)
 }
 
 fn parse_scopes(scopes: &[String]) -> Result<Scopes, ManageError> {
     if scopes.is_empty() {
-        return Err(ManageError::Invalid("a key needs at least one scope".into()));
+        return Err(ManageError::Invalid(
+            "a key needs at least one scope".into(),
+        ));
     }
     scopes
         .iter()

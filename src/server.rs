@@ -38,7 +38,11 @@ pub struct Keygate {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot bind {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -47,23 +51,45 @@ pub enum StartError {
 pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), StartError> {
     let proxy = TcpListener::bind(config.proxy.listen)
         .await
-        .map_err(|source| StartError::Bind { what: "proxy.listen", addr: config.proxy.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            what: "proxy.listen",
+            addr: config.proxy.listen,
+            source,
+        })?;
     let admin = TcpListener::bind(config.admin.listen)
         .await
-        .map_err(|source| StartError::Bind { what: "admin.listen", addr: config.admin.listen, source })?;
+        .map_err(|source| StartError::Bind {
+            what: "admin.listen",
+            addr: config.admin.listen,
+            source,
+        })?;
     Ok((proxy, admin))
 }
 
 /// Connects to the database, applies migrations and starts serving on the given listeners.
-pub async fn start(config: &Config, proxy_listener: TcpListener, admin_listener: TcpListener, clock: Clock) -> Result<Keygate, StartError> {
+pub async fn start(
+    config: &Config,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    clock: Clock,
+) -> Result<Keygate, StartError> {
     let store = Store::connect(&config.database.url, config.database.max_connections).await?;
     store.migrate().await?;
 
     let table = Arc::new(KeyTable::new());
     let verifier = Arc::new(Verifier::new(&config.verification));
     let usage = Arc::new(Usage::new());
-    let proxy_state = Arc::new(ProxyState::new(config, table.clone(), verifier, usage.clone(), clock.clone()));
-    let admin_state = Arc::new(AdminState { table: table.clone(), clock: clock.clone() });
+    let proxy_state = Arc::new(ProxyState::new(
+        config,
+        table.clone(),
+        verifier,
+        usage.clone(),
+        clock.clone(),
+    ));
+    let admin_state = Arc::new(AdminState {
+        table: table.clone(),
+        clock: clock.clone(),
+    });
 
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
@@ -71,12 +97,31 @@ pub async fn start(config: &Config, proxy_listener: TcpListener, admin_listener:
     let admin_addr = proxy::local_addr(&admin_listener);
 
     let background = vec![
-        tokio::spawn(sync::run(store.clone(), table.clone(), clock.clone(), config.database.refresh_interval, stop_background.clone())),
-        tokio::spawn(usage.run(store.clone(), config.last_used.flush_interval, stop_background.clone())),
+        tokio::spawn(sync::run(
+            store.clone(),
+            table.clone(),
+            clock.clone(),
+            config.database.refresh_interval,
+            stop_background.clone(),
+        )),
+        tokio::spawn(usage.run(
+            store.clone(),
+            config.last_used.flush_interval,
+            stop_background.clone(),
+        )),
     ];
     let listeners = vec![
-        tokio::spawn(proxy::serve(proxy_listener, proxy_state.clone(), stop_accepting.clone(), config.proxy.shutdown_grace)),
-        tokio::spawn(admin::serve(admin_listener, admin_state, stop_accepting.clone())),
+        tokio::spawn(proxy::serve(
+            proxy_listener,
+            proxy_state.clone(),
+            stop_accepting.clone(),
+            config.proxy.shutdown_grace,
+        )),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            stop_accepting.clone(),
+        )),
     ];
     tracing::info!(
         proxy = %proxy_addr,
@@ -86,7 +131,17 @@ pub async fn start(config: &Config, proxy_listener: TcpListener, admin_listener:
         routes = config.routes.len(),
         "keygate started"
     );
-    Ok(Keygate { proxy_addr, admin_addr, table, store, proxy: proxy_state, stop_accepting, stop_background, listeners, background })
+    Ok(Keygate {
+        proxy_addr,
+        admin_addr,
+        table,
+        store,
+        proxy: proxy_state,
+        stop_accepting,
+        stop_background,
+        listeners,
+        background,
+    })
 }
 
 impl Keygate {

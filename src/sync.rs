@@ -27,7 +27,9 @@ pub async fn load(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usiz
 
 /// Applies what changed since the last refresh; returns how many entries changed.
 pub async fn refresh(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usize, StoreError> {
-    let rows = store.table_rows(table.watermark().saturating_sub(OVERLAP_MS)).await?;
+    let rows = store
+        .table_rows(table.watermark().saturating_sub(OVERLAP_MS))
+        .await?;
     let changed = table.apply(rows);
     table.mark_synced(clock.now_ms());
     Ok(changed)
@@ -35,7 +37,13 @@ pub async fn refresh(store: &Store, table: &KeyTable, clock: &Clock) -> Result<u
 
 /// Loads (retrying with backoff until it works) and then refreshes every `interval` until
 /// `shutdown`.
-pub async fn run(store: Store, table: Arc<KeyTable>, clock: Clock, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    table: Arc<KeyTable>,
+    clock: Clock,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     while table.synced_at().is_none() {
         match load(&store, &table, &clock).await {

@@ -24,13 +24,19 @@ impl Usage {
     /// Notes that `entry` was used at `now_ms`. Cheap: one relaxed load in the common case.
     pub fn record(&self, entry: &Arc<KeyEntry>, now_ms: i64) {
         if entry.note_use(now_ms) {
-            self.queue.lock().unwrap_or_else(PoisonError::into_inner).push(entry.clone());
+            self.queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(entry.clone());
         }
     }
 
     /// Keys waiting to be stamped.
     pub fn pending(&self) -> usize {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Writes every pending stamp. On failure the stamps go back in the queue for the next try.
@@ -58,7 +64,12 @@ impl Usage {
     }
 
     /// Flushes every `interval` until `shutdown`, then flushes once more.
-    pub async fn run(self: Arc<Self>, store: Store, interval: Duration, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        store: Store,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let stop = tokio::select! {
                 () = tokio::time::sleep(interval) => false,
@@ -67,7 +78,9 @@ impl Usage {
             match self.flush(&store).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(keys = n, "last_used stamps written"),
-                Err(e) => tracing::warn!(error = %e, pending = self.pending(), "writing last_used stamps failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, pending = self.pending(), "writing last_used stamps failed; will retry")
+                }
             }
             if stop {
                 break;

@@ -31,7 +31,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
 /// Serves the admin listener until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
         tracing::error!(error = %e, "admin listener failed");
     }
 }
@@ -52,6 +55,9 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
                 "table_age_ms": (state.clock.now_ms() - at).max(0),
             })),
         ),
-        None => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "loading" }))),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "loading" })),
+        ),
     }
 }

@@ -26,8 +26,13 @@ pub enum AccountCommand {
 pub async fn run(cmd: AccountCommand, manager: &Manager) -> Result<(), CliError> {
     match cmd {
         AccountCommand::Create { name, description } => {
-            let account = manager.create_account(&name, &description, &Actor::cli()).await?;
-            println!("created service account `{}` (id {})", account.name, account.id);
+            let account = manager
+                .create_account(&name, &description, &Actor::cli())
+                .await?;
+            println!(
+                "created service account `{}` (id {})",
+                account.name, account.id
+            );
         }
         AccountCommand::List { json } => {
             let accounts = manager.store.accounts().await?;
@@ -48,7 +53,14 @@ pub async fn run(cmd: AccountCommand, manager: &Manager) -> Result<(), CliError>
             } else {
                 let rows: Vec<Vec<String>> = accounts
                     .iter()
-                    .map(|a| vec![a.id.to_string(), a.name.clone(), rfc3339(a.created_at), a.description.clone()])
+                    .map(|a| {
+                        vec![
+                            a.id.to_string(),
+                            a.name.clone(),
+                            rfc3339(a.created_at),
+                            a.description.clone(),
+                        ]
+                    })
                     .collect();
                 print_table(&["ID", "NAME", "CREATED", "DESCRIPTION"], &rows);
             }

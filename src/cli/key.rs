@@ -60,7 +60,14 @@ pub enum KeyCommand {
 pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<(), CliError> {
     let now = manager.now_ms();
     match cmd {
-        KeyCommand::Create { account, name, scopes, expires_at, expires_in, json } => {
+        KeyCommand::Create {
+            account,
+            name,
+            scopes,
+            expires_at,
+            expires_in,
+            json,
+        } => {
             let expires_at = expiry(expires_at.as_deref(), expires_in.as_deref(), now)?;
             let account = manager.account_named(&account).await?;
             let known = config.route_scopes();
@@ -69,7 +76,9 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                     eprintln!("warning: no configured route requires scope `{s}`");
                 }
             }
-            let issued = manager.issue_key(&account, &name, &scopes, expires_at, &Actor::cli()).await?;
+            let issued = manager
+                .issue_key(&account, &name, &scopes, expires_at, &Actor::cli())
+                .await?;
             let r = &issued.record;
             if json {
                 let v = serde_json::json!({
@@ -81,10 +90,16 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                 });
                 println!("{v}");
             } else {
-                println!("created key `{}` for service account `{}`", r.name, r.account_name);
+                println!(
+                    "created key `{}` for service account `{}`",
+                    r.name, r.account_name
+                );
                 println!("  prefix   {}", r.prefix);
                 println!("  scopes   {}", r.scopes);
-                println!("  expires  {}", r.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()));
+                println!(
+                    "  expires  {}",
+                    r.expires_at.map(rfc3339).unwrap_or_else(|| "never".into())
+                );
                 println!();
                 println!("  {}", issued.key.expose());
                 println!();
@@ -120,7 +135,18 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                     })
                     .collect();
                 print_table(
-                    &["ID", "PREFIX", "NAME", "ACCOUNT", "SCOPES", "CREATED", "LAST USED", "EXPIRES", "REVOKED", "STATUS"],
+                    &[
+                        "ID",
+                        "PREFIX",
+                        "NAME",
+                        "ACCOUNT",
+                        "SCOPES",
+                        "CREATED",
+                        "LAST USED",
+                        "EXPIRES",
+                        "REVOKED",
+                        "STATUS",
+                    ],
                     &rows,
                 );
             }
@@ -130,13 +156,27 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
             let revoked = manager.revoke_key(&record, &Actor::cli()).await?;
             println!(
                 "revoked key {} (`{}` of `{}`); sidecars refuse it within one table refresh ({:?})",
-                revoked.prefix, revoked.name, revoked.account_name, config.database.refresh_interval
+                revoked.prefix,
+                revoked.name,
+                revoked.account_name,
+                config.database.refresh_interval
             );
         }
-        KeyCommand::Expire { prefix, at, in_, never } => {
-            let expires_at = if never { None } else { expiry(at.as_deref(), in_.as_deref(), now)? };
+        KeyCommand::Expire {
+            prefix,
+            at,
+            in_,
+            never,
+        } => {
+            let expires_at = if never {
+                None
+            } else {
+                expiry(at.as_deref(), in_.as_deref(), now)?
+            };
             let record = manager.key_by_prefix(&prefix).await?;
-            let updated = manager.set_expiry(&record, expires_at, &Actor::cli()).await?;
+            let updated = manager
+                .set_expiry(&record, expires_at, &Actor::cli())
+                .await?;
             match updated.expires_at {
                 Some(at) => println!("key {} expires at {}", updated.prefix, rfc3339(at)),
                 None => println!("key {} no longer expires", updated.prefix),
@@ -149,7 +189,9 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
 fn expiry(at: Option<&str>, within: Option<&str>, now: i64) -> Result<Option<i64>, CliError> {
     match (at, within) {
         (Some(at), _) => parse_rfc3339(at).map(Some).map_err(CliError),
-        (None, Some(d)) => parse_duration_ms(d).map(|d| Some(now + d)).map_err(CliError),
+        (None, Some(d)) => parse_duration_ms(d)
+            .map(|d| Some(now + d))
+            .map_err(CliError),
         (None, None) => Ok(None),
     }
 }

@@ -16,7 +16,11 @@ use crate::server::StartError;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Parser)]
-#[command(name = "keygate", version, about = "API-key authentication sidecar and reverse proxy")]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key authentication sidecar and reverse proxy"
+)]
 pub struct Cli {
     /// Configuration file (TOML). Without one, built-in defaults apply.
     #[arg(long, global = true, env = "KEYGATE_CONFIG", value_name = "PATH")]
@@ -109,7 +113,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate => {
             let store = connect(&config).await?;
             store.migrate().await?;
-            println!("migrations applied ({} at {})", store.engine(), config.database.url);
+            println!(
+                "migrations applied ({} at {})",
+                store.engine(),
+                config.database.url
+            );
             Ok(())
         }
         Command::Config(ConfigCommand::Check) => {
@@ -122,9 +130,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 let methods = if r.methods.is_empty() {
                     "*".to_string()
                 } else {
-                    r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+                    r.methods
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
                 };
-                println!("    {:<20} {:<24} {:<12} {:<20} -> {}", r.name, r.path_prefix, methods, r.scope, r.upstream);
+                println!(
+                    "    {:<20} {:<24} {:<12} {:<20} -> {}",
+                    r.name, r.path_prefix, methods, r.scope, r.upstream
+                );
             }
             Ok(())
         }

@@ -13,7 +13,10 @@ pub async fn run(config: Config) -> Result<(), CliError> {
     let (proxy, admin) = server::bind(&config).await?;
     let keygate = server::start(&config, proxy, admin, Clock::System).await?;
     wait_for_signal().await;
-    tracing::info!(grace_ms = config.proxy.shutdown_grace.as_millis() as u64, "stopping: draining in-flight requests");
+    tracing::info!(
+        grace_ms = config.proxy.shutdown_grace.as_millis() as u64,
+        "stopping: draining in-flight requests"
+    );
     keygate.shutdown().await;
     Ok(())
 }

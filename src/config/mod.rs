@@ -125,7 +125,10 @@ pub struct DatabaseUrl(String);
 impl DatabaseUrl {
     pub fn new(url: impl Into<String>) -> Result<Self, String> {
         let url = url.into();
-        if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+        {
             Ok(DatabaseUrl(url))
         } else {
             Err(format!(
@@ -152,7 +155,13 @@ impl fmt::Display for DatabaseUrl {
         if let (Some(scheme_end), Some(at)) = (s.find("://"), s.rfind('@')) {
             let userinfo = &s[scheme_end + 3..at];
             if let Some(colon) = userinfo.find(':') {
-                return write!(f, "{}{}:***{}", &s[..scheme_end + 3], &userinfo[..colon], &s[at..]);
+                return write!(
+                    f,
+                    "{}{}:***{}",
+                    &s[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &s[at..]
+                );
             }
         }
         f.write_str(s)
@@ -175,7 +184,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError { path: path.into(), message: message.into() }
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -187,11 +199,14 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| ConfigError::new(p.display().to_string(), format!("cannot read: {e}")))?,
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigError::new(p.display().to_string(), format!("cannot read: {e}"))
+            })?,
             None => String::new(),
         };
-        let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "config".into());
+        let origin = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "config".into());
         Config::from_toml(&text, &origin, env)
     }
 
@@ -201,8 +216,9 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text)
-            .map_err(|e| ConfigError::new(origin, e.message().to_string() + &location(text, e.span())))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigError::new(origin, e.message().to_string() + &location(text, e.span()))
+        })?;
         raw::apply_env(&mut table, env)?;
         let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().message().to_string()))?;

@@ -25,7 +25,15 @@ pub(super) struct RawConfig {
 
 /// The sections an environment variable may address, longest first so `last_used` wins over
 /// a hypothetical `last`.
-const SECTIONS: &[&str] = &["verification", "last_used", "database", "hashing", "proxy", "admin", "log"];
+const SECTIONS: &[&str] = &[
+    "verification",
+    "last_used",
+    "database",
+    "hashing",
+    "proxy",
+    "admin",
+    "log",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,7 +65,9 @@ struct RawAdmin {
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { listen: "127.0.0.1:9090".into() }
+        RawAdmin {
+            listen: "127.0.0.1:9090".into(),
+        }
     }
 }
 
@@ -87,7 +97,9 @@ struct RawLastUsed {
 
 impl Default for RawLastUsed {
     fn default() -> Self {
-        RawLastUsed { flush_interval: "10s".into() }
+        RawLastUsed {
+            flush_interval: "10s".into(),
+        }
     }
 }
 
@@ -101,7 +113,11 @@ struct RawHashing {
 
 impl Default for RawHashing {
     fn default() -> Self {
-        RawHashing { memory_kib: 19_456, iterations: 2, parallelism: 1 }
+        RawHashing {
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+        }
     }
 }
 
@@ -137,7 +153,11 @@ struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { format: "text".into(), filter: "info".into(), access_log: true }
+        RawLog {
+            format: "text".into(),
+            filter: "info".into(),
+            access_log: true,
+        }
     }
 }
 
@@ -159,17 +179,23 @@ pub(super) fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     for (name, value) in env {
-        let Some(rest) = name.strip_prefix("KEYGATE_") else { continue };
+        let Some(rest) = name.strip_prefix("KEYGATE_") else {
+            continue;
+        };
         // KEYGATE_CONFIG names the file; KEYGATE_TEST_* belong to the test suite.
         if rest == "CONFIG" || rest.starts_with("TEST_") {
             continue;
         }
         let rest = rest.to_ascii_lowercase();
-        let Some((section, key)) = SECTIONS
-            .iter()
-            .find_map(|s| rest.strip_prefix(s).and_then(|k| k.strip_prefix('_')).map(|k| (*s, k)))
-        else {
-            return Err(ConfigError::new(name, "does not name a setting (KEYGATE_<SECTION>_<SETTING>)"));
+        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+            rest.strip_prefix(s)
+                .and_then(|k| k.strip_prefix('_'))
+                .map(|k| (*s, k))
+        }) else {
+            return Err(ConfigError::new(
+                name,
+                "does not name a setting (KEYGATE_<SECTION>_<SETTING>)",
+            ));
         };
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .ok()
@@ -198,22 +224,35 @@ impl RawConfig {
             header_read_timeout: duration("proxy.header_read_timeout", &p.header_read_timeout, MS)?,
             shutdown_grace: duration("proxy.shutdown_grace", &p.shutdown_grace, Duration::ZERO)?,
         };
-        let admin = AdminConfig { listen: socket_addr("admin.listen", &self.admin.listen)? };
+        let admin = AdminConfig {
+            listen: socket_addr("admin.listen", &self.admin.listen)?,
+        };
         if admin.listen == proxy.listen && proxy.listen.port() != 0 {
-            return Err(ConfigError::new("admin.listen", "must differ from proxy.listen"));
+            return Err(ConfigError::new(
+                "admin.listen",
+                "must differ from proxy.listen",
+            ));
         }
 
         let d = &self.database;
         let database = DatabaseConfig {
-            url: DatabaseUrl::new(d.url.clone()).map_err(|m| ConfigError::new("database.url", m))?,
+            url: DatabaseUrl::new(d.url.clone())
+                .map_err(|m| ConfigError::new("database.url", m))?,
             refresh_interval: duration("database.refresh_interval", &d.refresh_interval, 50 * MS)?,
             max_connections: d.max_connections,
         };
         if database.max_connections == 0 {
-            return Err(ConfigError::new("database.max_connections", "must be at least 1"));
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 1",
+            ));
         }
 
-        let flush_interval = duration("last_used.flush_interval", &self.last_used.flush_interval, 50 * MS)?;
+        let flush_interval = duration(
+            "last_used.flush_interval",
+            &self.last_used.flush_interval,
+            50 * MS,
+        )?;
         if flush_interval > Duration::from_secs(60) {
             return Err(ConfigError::new(
                 "last_used.flush_interval",
@@ -222,7 +261,11 @@ impl RawConfig {
         }
 
         let h = &self.hashing;
-        let hashing = HashingConfig { memory_kib: h.memory_kib, iterations: h.iterations, parallelism: h.parallelism };
+        let hashing = HashingConfig {
+            memory_kib: h.memory_kib,
+            iterations: h.iterations,
+            parallelism: h.parallelism,
+        };
         crate::keys::hasher(hashing).map_err(|m| ConfigError::new("hashing", m))?;
 
         let v = &self.verification;
@@ -231,7 +274,9 @@ impl RawConfig {
             cache_capacity: v.cache_capacity.max(1),
             failure_ttl: duration("verification.failure_ttl", &v.failure_ttl, Duration::ZERO)?,
             max_concurrent: if v.max_concurrent == 0 {
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
             } else {
                 v.max_concurrent
             },
@@ -248,7 +293,12 @@ impl RawConfig {
             format: match self.log.format.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
-                other => return Err(ConfigError::new("log.format", format!("`{other}` is not one of: text, json"))),
+                other => {
+                    return Err(ConfigError::new(
+                        "log.format",
+                        format!("`{other}` is not one of: text, json"),
+                    ))
+                }
             },
             filter: self.log.filter.clone(),
             access_log: self.log.access_log,
@@ -273,17 +323,28 @@ impl RawConfig {
 const MS: Duration = Duration::from_millis(1);
 
 fn duration(path: &str, s: &str, min: Duration) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| ConfigError::new(path, format!("`{s}` is not a duration ({e}); examples: 500ms, 2s, 10m")))?;
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        ConfigError::new(
+            path,
+            format!("`{s}` is not a duration ({e}); examples: 500ms, 2s, 10m"),
+        )
+    })?;
     if d < min {
-        return Err(ConfigError::new(path, format!("must be at least {}", humantime::format_duration(min))));
+        return Err(ConfigError::new(
+            path,
+            format!("must be at least {}", humantime::format_duration(min)),
+        ));
     }
     Ok(d)
 }
 
 fn socket_addr(path: &str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse()
-        .map_err(|_| ConfigError::new(path, format!("`{s}` is not an IP:port address, e.g. 127.0.0.1:8080")))
+    s.parse().map_err(|_| {
+        ConfigError::new(
+            path,
+            format!("`{s}` is not an IP:port address, e.g. 127.0.0.1:8080"),
+        )
+    })
 }
 
 fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
@@ -293,29 +354,56 @@ fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
         let at = |field: &str| format!("routes[{i}].{field}");
         if r.name.is_empty()
             || r.name.len() > 64
-            || !r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            || !r
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         {
-            return Err(ConfigError::new(at("name"), "must be 1-64 characters of A-Z a-z 0-9 _ . -"));
+            return Err(ConfigError::new(
+                at("name"),
+                "must be 1-64 characters of A-Z a-z 0-9 _ . -",
+            ));
         }
         if !names.insert(r.name.as_str()) {
-            return Err(ConfigError::new(at("name"), format!("`{}` is used by another route", r.name)));
+            return Err(ConfigError::new(
+                at("name"),
+                format!("`{}` is used by another route", r.name),
+            ));
         }
-        let path_prefix = route_prefix(&r.path_prefix).map_err(|m| ConfigError::new(at("path_prefix"), m))?;
+        let path_prefix =
+            route_prefix(&r.path_prefix).map_err(|m| ConfigError::new(at("path_prefix"), m))?;
         let mut methods = Vec::with_capacity(r.methods.len());
         for (j, m) in r.methods.iter().enumerate() {
             let method = http::Method::from_bytes(m.as_bytes())
                 .ok()
                 .filter(|_| !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()))
-                .ok_or_else(|| ConfigError::new(format!("routes[{i}].methods[{j}]"), format!("`{m}` is not an upper-case HTTP method")))?;
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        format!("routes[{i}].methods[{j}]"),
+                        format!("`{m}` is not an upper-case HTTP method"),
+                    )
+                })?;
             methods.push(method);
         }
         let upstream = upstream(&r.upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
         let scope = Scope::new(&r.scope).map_err(|m| ConfigError::new(at("scope"), m))?;
-        let route = RouteConfig { name: r.name.clone(), path_prefix, methods, upstream, scope };
-        if let Some(other) = routes.iter().find(|o| o.path_prefix == route.path_prefix && methods_overlap(o, &route)) {
+        let route = RouteConfig {
+            name: r.name.clone(),
+            path_prefix,
+            methods,
+            upstream,
+            scope,
+        };
+        if let Some(other) = routes
+            .iter()
+            .find(|o| o.path_prefix == route.path_prefix && methods_overlap(o, &route))
+        {
             return Err(ConfigError::new(
                 at("path_prefix"),
-                format!("`{}` with these methods is already routed by `{}`", route.path_prefix, other.name),
+                format!(
+                    "`{}` with these methods is already routed by `{}`",
+                    route.path_prefix, other.name
+                ),
             ));
         }
         routes.push(route);
@@ -337,16 +425,26 @@ fn route_prefix(s: &str) -> Result<String, String> {
         return Err(format!("`{s}` must be a path without query or fragment"));
     }
     let trimmed = s.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
 }
 
 fn upstream(s: &str) -> Result<Upstream, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a URL ({e})"))?;
-    let scheme = uri.scheme().cloned().ok_or_else(|| format!("`{s}` needs a scheme: http://HOST:PORT"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("`{s}` needs a scheme: http://HOST:PORT"))?;
     if scheme != http::uri::Scheme::HTTP {
         return Err(format!("`{s}`: only http:// upstreams are supported"));
     }
-    let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` needs a host"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{s}` needs a host"))?;
     if authority.as_str().contains('@') {
         return Err(format!("`{s}` must not carry credentials"));
     }

@@ -5,7 +5,11 @@ fn parse(toml: &str) -> Result<Config, ConfigError> {
 }
 
 fn parse_env(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-    Config::from_toml(toml, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    Config::from_toml(
+        toml,
+        "test.toml",
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
 }
 
 #[test]
@@ -19,17 +23,20 @@ fn the_example_file_is_valid_and_shows_the_defaults() {
     assert_eq!(example.database.refresh_interval, Duration::from_secs(2));
     assert_eq!(example.last_used.flush_interval, Duration::from_secs(10));
     assert_eq!(example.hashing, defaults.hashing);
-    assert_eq!(example.verification.max_pending, defaults.verification.max_pending);
+    assert_eq!(
+        example.verification.max_pending,
+        defaults.verification.max_pending
+    );
     assert_eq!(example.log.access_log, defaults.log.access_log);
     assert_eq!(example.routes.len(), 3);
 }
 
 #[test]
 fn unknown_settings_are_rejected_with_their_path() {
-    let err = parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlisten_port = 2\n").unwrap_err();
+    let err = parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlisten_port = 2\n").expect_err("must fail");
     assert_eq!(err.path, "proxy.listen_port");
     assert!(err.message.contains("listen_port"), "{err}");
-    let err = parse("[[routes]]\nname=\"a\"\npath_prefix=\"/\"\nupstream=\"http://h:1\"\nscope=\"s\"\nscopes=[]\n").unwrap_err();
+    let err = parse("[[routes]]\nname=\"a\"\npath_prefix=\"/\"\nupstream=\"http://h:1\"\nscope=\"s\"\nscopes=[]\n").expect_err("must fail");
     assert!(err.path.starts_with("routes[0]"), "{err}");
     assert!(parse("[nonsense]\n").is_err());
 }
@@ -58,10 +65,10 @@ fn invalid_values_name_the_exact_setting() {
 fn routes_must_not_collide() {
     let two = "[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nupstream=\"http://h:1\"\nscope=\"s\"\n\
                [[routes]]\nname=\"b\"\npath_prefix=\"/x/\"\nmethods=[\"GET\"]\nupstream=\"http://h:1\"\nscope=\"s\"\n";
-    let err = parse(two).unwrap_err();
+    let err = parse(two).expect_err("must fail");
     assert_eq!(err.path, "routes[1].path_prefix");
     let dup = two.replace("name=\"b\"", "name=\"a\"").replace("/x/", "/y");
-    assert_eq!(parse(&dup).unwrap_err().path, "routes[1].name");
+    assert_eq!(parse(&dup).expect_err("must fail").path, "routes[1].name");
 }
 
 #[test]
@@ -80,7 +87,7 @@ fn environment_variables_override_the_file() {
     assert!(c.database.url.is_postgres());
     assert_eq!(c.last_used.flush_interval, Duration::from_secs(5));
     assert_eq!(c.database.max_connections, 3);
-    let err = parse_env("", &[("KEYGATE_NOPE", "1")]).unwrap_err();
+    let err = parse_env("", &[("KEYGATE_NOPE", "1")]).expect_err("must fail");
     assert_eq!(err.path, "KEYGATE_NOPE");
 }
 
@@ -93,6 +100,6 @@ fn database_passwords_never_show() {
 
 #[test]
 fn syntax_errors_give_the_line() {
-    let err = parse("[proxy]\nlisten = \n").unwrap_err();
+    let err = parse("[proxy]\nlisten = \n").expect_err("must fail");
     assert!(err.message.contains("line 2"), "{err}");
 }

@@ -161,10 +161,13 @@ pub fn parse(s: &str) -> Result<ParsedKey<'_>, ParseError> {
         return Err(ParseError::Length);
     }
     let kind = KeyKind::from_marker(&b[..MARKER_LEN]).ok_or(ParseError::Marker)?;
-    let charset_ok = b
-        .iter()
-        .enumerate()
-        .all(|(i, c)| if i == PREFIX_LEN { *c == b'_' } else { c.is_ascii_alphanumeric() });
+    let charset_ok = b.iter().enumerate().all(|(i, c)| {
+        if i == PREFIX_LEN {
+            *c == b'_'
+        } else {
+            c.is_ascii_alphanumeric()
+        }
+    });
     if !charset_ok {
         return Err(ParseError::Charset);
     }
@@ -173,7 +176,11 @@ pub fn parse(s: &str) -> Result<ParsedKey<'_>, ParseError> {
     }
     let mut p = [0u8; PREFIX_LEN];
     p.copy_from_slice(&b[..PREFIX_LEN]);
-    Ok(ParsedKey { kind, prefix: KeyPrefix(p), text: s })
+    Ok(ParsedKey {
+        kind,
+        prefix: KeyPrefix(p),
+        text: s,
+    })
 }
 
 /// A new key of `kind` from the operating system's CSPRNG.
@@ -250,16 +257,29 @@ mod tests {
         let k = key.expose();
         assert_eq!(parse("").map(|_| ()), Err(ParseError::Length));
         assert_eq!(parse(&k[1..]).map(|_| ()), Err(ParseError::Length));
-        assert_eq!(parse(&format!("xyz{}", &k[3..])).map(|_| ()), Err(ParseError::Marker));
-        assert_eq!(parse(&format!("{}-{}", &k[..8], &k[9..])).map(|_| ()), Err(ParseError::Charset));
-        assert_eq!(parse(&format!("{}é{}", &k[..10], &k[12..])).map(|_| ()), Err(ParseError::Charset));
+        assert_eq!(
+            parse(&format!("xyz{}", &k[3..])).map(|_| ()),
+            Err(ParseError::Marker)
+        );
+        assert_eq!(
+            parse(&format!("{}-{}", &k[..8], &k[9..])).map(|_| ()),
+            Err(ParseError::Charset)
+        );
+        assert_eq!(
+            parse(&format!("{}é{}", &k[..10], &k[12..])).map(|_| ()),
+            Err(ParseError::Charset)
+        );
     }
 
     #[test]
     fn debug_and_display_never_show_the_secret() {
         let key = generate(KeyKind::ServiceAccount);
         let secret = &key.expose()[PREFIX_LEN + 1..];
-        for shown in [format!("{key:?}"), format!("{key}"), format!("{:?}", parse(key.expose()))] {
+        for shown in [
+            format!("{key:?}"),
+            format!("{key}"),
+            format!("{:?}", parse(key.expose())),
+        ] {
             assert!(!shown.contains(secret), "{shown}");
             assert!(shown.contains(key.prefix().as_str()));
         }

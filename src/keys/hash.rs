@@ -8,8 +8,13 @@ use crate::config::HashingConfig;
 
 /// An argon2id hasher with the configured cost, or why the parameters are unusable.
 pub fn hasher(cfg: HashingConfig) -> Result<Argon2<'static>, String> {
-    let params = Params::new(cfg.memory_kib, cfg.iterations, cfg.parallelism, None)
-        .map_err(|e| format!("invalid argon2 parameters (memory_kib={}, iterations={}, parallelism={}): {e}", cfg.memory_kib, cfg.iterations, cfg.parallelism))?;
+    let params =
+        Params::new(cfg.memory_kib, cfg.iterations, cfg.parallelism, None).map_err(|e| {
+            format!(
+                "invalid argon2 parameters (memory_kib={}, iterations={}, parallelism={}): {e}",
+                cfg.memory_kib, cfg.iterations, cfg.parallelism
+            )
+        })?;
     Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
 }
 
@@ -29,7 +34,9 @@ pub fn hash_key(argon: &Argon2<'_>, secret: &str) -> String {
 /// is constant-time (done by the `password-hash` crate). A malformed stored hash never matches.
 pub fn verify_hash(phc: &str, secret: &str) -> bool {
     match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default().verify_password(secret.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => Argon2::default()
+            .verify_password(secret.as_bytes(), &parsed)
+            .is_ok(),
         Err(_) => false,
     }
 }
@@ -38,7 +45,11 @@ pub fn verify_hash(phc: &str, secret: &str) -> bool {
 mod tests {
     use super::*;
 
-    const CHEAP: HashingConfig = HashingConfig { memory_kib: 1024, iterations: 1, parallelism: 1 };
+    const CHEAP: HashingConfig = HashingConfig {
+        memory_kib: 1024,
+        iterations: 1,
+        parallelism: 1,
+    };
 
     #[test]
     fn a_hash_verifies_its_own_secret_only() {
@@ -58,7 +69,12 @@ mod tests {
 
     #[test]
     fn unusable_parameters_are_explained() {
-        let err = hasher(HashingConfig { memory_kib: 1, iterations: 0, parallelism: 1 }).unwrap_err();
+        let err = hasher(HashingConfig {
+            memory_kib: 1,
+            iterations: 0,
+            parallelism: 1,
+        })
+        .expect_err("must fail");
         assert!(err.contains("memory_kib=1"), "{err}");
     }
 }

@@ -7,7 +7,9 @@ mod scope;
 mod table;
 mod verify;
 
-pub use format::{generate, parse, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey, KEY_LEN, PREFIX_LEN};
+pub use format::{
+    generate, parse, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey, KEY_LEN, PREFIX_LEN,
+};
 pub use hash::{hash_key, hasher, verify_hash};
 pub use scope::{Scope, Scopes};
 pub use table::{KeyEntry, KeyId, KeyRow, KeyState, KeyTable, Owner};

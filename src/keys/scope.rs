@@ -12,7 +12,8 @@ impl Scope {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.as_bytes()[0].is_ascii_alphanumeric()
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b));
         if ok {
             Ok(Scope(s.into()))
         } else {
@@ -51,12 +52,19 @@ impl Scopes {
 
     /// Parses the stored form: scopes separated by spaces.
     pub fn parse_stored(s: &str) -> Result<Scopes, String> {
-        s.split_ascii_whitespace().map(Scope::new).collect::<Result<Vec<_>, _>>().map(Scopes::new)
+        s.split_ascii_whitespace()
+            .map(Scope::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Scopes::new)
     }
 
     /// The stored and header form: scopes separated by single spaces (as OAuth's `scope`).
     pub fn joined(&self) -> String {
-        self.0.iter().map(Scope::as_str).collect::<Vec<_>>().join(" ")
+        self.0
+            .iter()
+            .map(Scope::as_str)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     pub fn contains(&self, scope: &Scope) -> bool {

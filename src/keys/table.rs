@@ -83,13 +83,23 @@ impl KeyEntry {
     pub fn from_row(row: KeyRow) -> Option<KeyEntry> {
         let prefix = KeyPrefix::parse(row.prefix.as_deref()?).ok()?;
         let owner = match row.id.kind {
-            KeyKind::ServiceAccount => Owner::ServiceAccount { id: row.owner_id, name: row.owner_name },
-            KeyKind::Gateway => Owner::Gateway { id: row.owner_id, name: row.owner_name },
+            KeyKind::ServiceAccount => Owner::ServiceAccount {
+                id: row.owner_id,
+                name: row.owner_name,
+            },
+            KeyKind::Gateway => Owner::Gateway {
+                id: row.owner_id,
+                name: row.owner_name,
+            },
         };
         // A stored scope list that no longer parses grants nothing rather than failing the load.
         let scopes = Scopes::parse_stored(&row.scopes).unwrap_or_default();
         let revoked = row.revoked_at.is_some();
-        let hash = if revoked { "".into() } else { row.key_hash.unwrap_or_default().into_boxed_str() };
+        let hash = if revoked {
+            "".into()
+        } else {
+            row.key_hash.unwrap_or_default().into_boxed_str()
+        };
         let identity = [
             HeaderValue::from_str(owner.name()).unwrap_or(HeaderValue::from_static("")),
             HeaderValue::from_str(prefix.as_str()).unwrap_or(HeaderValue::from_static("")),
@@ -132,7 +142,8 @@ impl KeyEntry {
             return false;
         }
         self.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
-        !self.stamp_pending.load(Ordering::Relaxed) && !self.stamp_pending.swap(true, Ordering::AcqRel)
+        !self.stamp_pending.load(Ordering::Relaxed)
+            && !self.stamp_pending.swap(true, Ordering::AcqRel)
     }
 
     /// Takes the pending stamp for writing: the newest use time, and the key is free to be
@@ -152,7 +163,8 @@ impl KeyEntry {
     }
 
     fn inherit_use(&self, older: &KeyEntry) {
-        self.last_used_ms.fetch_max(older.last_used_ms(), Ordering::Relaxed);
+        self.last_used_ms
+            .fetch_max(older.last_used_ms(), Ordering::Relaxed);
     }
 }
 
@@ -188,7 +200,11 @@ impl KeyTable {
 
     /// The entry for `prefix`, if the database knows it.
     pub fn lookup(&self, prefix: &KeyPrefix) -> Option<Arc<KeyEntry>> {
-        self.map.read().unwrap_or_else(PoisonError::into_inner).get(prefix).cloned()
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(prefix)
+            .cloned()
     }
 
     /// Replaces the whole table (first load, reload after a reconnect). Use times seen by this
@@ -230,25 +246,40 @@ impl KeyTable {
             let new_prefix = row.prefix.as_deref().and_then(|p| KeyPrefix::parse(p).ok());
             // A gateway that was re-paired or unpaired leaves its old prefix behind: drop it.
             if id.kind == KeyKind::Gateway {
-                if let Some(old) = gateways.get(&id.id).copied().filter(|old| Some(*old) != new_prefix) {
-                    self.map.write().unwrap_or_else(PoisonError::into_inner).remove(&old);
+                if let Some(old) = gateways
+                    .get(&id.id)
+                    .copied()
+                    .filter(|old| Some(*old) != new_prefix)
+                {
+                    self.map
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&old);
                     gateways.remove(&id.id);
                     changed += 1;
                 }
             }
             let Some(prefix) = new_prefix else { continue };
             let existing = self.lookup(&prefix);
-            if existing.as_ref().is_some_and(|e| e.id == id && e.updated_at >= row.updated_at) {
+            if existing
+                .as_ref()
+                .is_some_and(|e| e.id == id && e.updated_at >= row.updated_at)
+            {
                 continue;
             }
-            let Some(entry) = KeyEntry::from_row(row) else { continue };
+            let Some(entry) = KeyEntry::from_row(row) else {
+                continue;
+            };
             if let Some(old) = &existing {
                 entry.inherit_use(old);
             }
             if id.kind == KeyKind::Gateway {
                 gateways.insert(id.id, prefix);
             }
-            self.map.write().unwrap_or_else(PoisonError::into_inner).insert(prefix, Arc::new(entry));
+            self.map
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(prefix, Arc::new(entry));
             changed += 1;
         }
         changed
@@ -256,7 +287,10 @@ impl KeyTable {
 
     /// Every entry whose key could be used now (not revoked), for counting and tests.
     pub fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,7 +299,10 @@ impl KeyTable {
 
     pub fn count_by_kind(&self) -> (usize, usize) {
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
-        let gateways = map.values().filter(|e| e.id.kind == KeyKind::Gateway).count();
+        let gateways = map
+            .values()
+            .filter(|e| e.id.kind == KeyKind::Gateway)
+            .count();
         (map.len() - gateways, gateways)
     }
 
@@ -327,7 +364,12 @@ mod tests {
 
     #[test]
     fn expiry_is_decided_against_the_clock() {
-        let mut r = row(KeyKind::ServiceAccount, 1, &prefix(KeyKind::ServiceAccount), 1);
+        let mut r = row(
+            KeyKind::ServiceAccount,
+            1,
+            &prefix(KeyKind::ServiceAccount),
+            1,
+        );
         r.expires_at = Some(5_000);
         let e = KeyEntry::from_row(r).expect("entry");
         assert_eq!(e.state(4_999), KeyState::Active);
@@ -365,7 +407,13 @@ mod tests {
 
     #[test]
     fn identity_headers_are_prebuilt() {
-        let e = KeyEntry::from_row(row(KeyKind::ServiceAccount, 1, &prefix(KeyKind::ServiceAccount), 1)).expect("e");
+        let e = KeyEntry::from_row(row(
+            KeyKind::ServiceAccount,
+            1,
+            &prefix(KeyKind::ServiceAccount),
+            1,
+        ))
+        .expect("e");
         assert_eq!(e.identity[0], "billing");
         assert_eq!(e.identity[1], e.prefix.as_str());
         assert_eq!(e.identity[2], "a:read");

@@ -64,7 +64,8 @@ impl Verifier {
     pub fn new(cfg: &VerificationConfig) -> Verifier {
         let mut digest_key = [0u8; 32];
         // No safe cache key without randomness.
-        getrandom::getrandom(&mut digest_key).expect("the operating system's random generator failed");
+        getrandom::getrandom(&mut digest_key)
+            .expect("the operating system's random generator failed");
         Verifier {
             verified: Cache::builder()
                 .max_capacity(cfg.cache_capacity)
@@ -83,7 +84,11 @@ impl Verifier {
 
     /// Checks that `key` is the secret behind `entry`. Concurrent requests with the same
     /// uncached key share one argon2 run.
-    pub async fn verify(&self, entry: &KeyEntry, key: &ParsedKey<'_>) -> Result<Verified, VerifyError> {
+    pub async fn verify(
+        &self,
+        entry: &KeyEntry,
+        key: &ParsedKey<'_>,
+    ) -> Result<Verified, VerifyError> {
         let digest = *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes();
         if self.verified.get(&digest).await == Some(entry.id) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -91,7 +96,9 @@ impl Verifier {
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         if self.failed.contains_key(&digest) {
-            self.stats.failures_cached_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .failures_cached_hits
+                .fetch_add(1, Ordering::Relaxed);
             return Err(VerifyError::Mismatch);
         }
         let Ok(_admitted) = self.pending.clone().try_acquire_owned() else {
@@ -109,18 +116,25 @@ impl Verifier {
             let _worker = workers.acquire_owned().await.map_err(|_| ())?;
             let started = Instant::now();
             let span = tracing::Span::current();
-            let ok = tokio::task::spawn_blocking(move || span.in_scope(|| verify_hash(&hash, &secret)))
-                .await
-                .unwrap_or(false);
+            let ok =
+                tokio::task::spawn_blocking(move || span.in_scope(|| verify_hash(&hash, &secret)))
+                    .await
+                    .unwrap_or(false);
             stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
-            stats.argon2_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            stats
+                .argon2_nanos
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if ok {
                 Ok(id)
             } else {
                 Err(())
             }
         };
-        match self.verified.try_get_with(digest, run.in_current_span()).await {
+        match self
+            .verified
+            .try_get_with(digest, run.in_current_span())
+            .await
+        {
             Ok(cached) if cached == id => Ok(Verified::Computed),
             Ok(_) => {
                 // The digest belongs to another key row: never trust it for this one.
@@ -159,9 +173,17 @@ mod tests {
     }
 
     fn entry_for(key: &str) -> KeyEntry {
-        let argon = hasher(HashingConfig { memory_kib: 1024, iterations: 1, parallelism: 1 }).expect("params");
+        let argon = hasher(HashingConfig {
+            memory_kib: 1024,
+            iterations: 1,
+            parallelism: 1,
+        })
+        .expect("params");
         KeyEntry::from_row(KeyRow {
-            id: KeyId { kind: KeyKind::ServiceAccount, id: 1 },
+            id: KeyId {
+                kind: KeyKind::ServiceAccount,
+                id: 1,
+            },
             prefix: Some(key[..8].to_string()),
             key_hash: Some(hash_key(&argon, key)),
             scopes: String::new(),
@@ -226,7 +248,11 @@ mod tests {
         let keys: Vec<_> = (0..4).map(|_| generate(KeyKind::ServiceAccount)).collect();
         let mut tasks = Vec::new();
         for k in &keys {
-            let (v, entry, text) = (v.clone(), Arc::new(entry_for(k.expose())), k.expose().to_string());
+            let (v, entry, text) = (
+                v.clone(),
+                Arc::new(entry_for(k.expose())),
+                k.expose().to_string(),
+            );
             tasks.push(tokio::spawn(async move {
                 let parsed = parse(&text).expect("parses");
                 v.verify(&entry, &parsed).await
@@ -238,7 +264,10 @@ mod tests {
                 busy += 1;
             }
         }
-        assert!(busy >= 1, "with room for one, some of four distinct keys must be refused");
+        assert!(
+            busy >= 1,
+            "with room for one, some of four distinct keys must be refused"
+        );
     }
 
     /// Builds a well-formed key (valid checksum) from a prefix and a secret.

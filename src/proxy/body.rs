@@ -27,7 +27,11 @@ pub struct IdleTimeout<B> {
 
 impl<B> IdleTimeout<B> {
     pub fn new(inner: B, timeout: Duration) -> Self {
-        IdleTimeout { inner, timeout, sleep: None }
+        IdleTimeout {
+            inner,
+            timeout,
+            sleep: None,
+        }
     }
 }
 
@@ -39,7 +43,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
@@ -50,7 +57,9 @@ where
             }
             Poll::Pending => {
                 let timeout = this.timeout;
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeoutError(timeout))))),
                     Poll::Pending => Poll::Pending,
@@ -88,7 +97,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
@@ -123,7 +135,10 @@ mod tests {
         type Data = Bytes;
         type Error = std::convert::Infallible;
 
-        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
         }
     }
@@ -142,10 +157,18 @@ mod tests {
             drop(tx);
         });
         for _ in 0..5 {
-            let frame = body.frame().await.expect("frame").expect("no timeout while bytes keep coming");
+            let frame = body
+                .frame()
+                .await
+                .expect("frame")
+                .expect("no timeout while bytes keep coming");
             assert_eq!(frame.into_data().expect("data"), "x");
         }
-        let err = body.frame().await.expect("a result").expect_err("stalled stream fails");
+        let err = body
+            .frame()
+            .await
+            .expect("a result")
+            .expect_err("stalled stream fails");
         assert!(err.to_string().contains("idle"), "{err}");
         sender.abort();
     }

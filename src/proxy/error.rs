@@ -134,7 +134,9 @@ impl Rejection {
             Rejection::GatewayTimeout => Bytes::from_static(br#"{"error":"gateway_timeout","message":"the upstream service did not answer in time"}"#),
         };
         // Building from a valid status and valid static or checked headers cannot fail.
-        builder.body(ProxyBody::full(body)).unwrap_or_else(|_| Response::new(ProxyBody::empty()))
+        builder
+            .body(ProxyBody::full(body))
+            .unwrap_or_else(|_| Response::new(ProxyBody::empty()))
     }
 }
 
@@ -159,22 +161,36 @@ mod tests {
     #[tokio::test]
     async fn every_401_looks_the_same_to_the_client_except_missing() {
         let mut bodies = Vec::new();
-        for f in [AuthFailure::Malformed, AuthFailure::Unknown, AuthFailure::Revoked, AuthFailure::Expired] {
+        for f in [
+            AuthFailure::Malformed,
+            AuthFailure::Unknown,
+            AuthFailure::Revoked,
+            AuthFailure::Expired,
+        ] {
             let r = Rejection::Unauthorized(f).into_response();
             assert_eq!(r.status(), 401);
-            assert_eq!(r.headers()[WWW_AUTHENTICATE], r#"Bearer realm="keygate", error="invalid_token""#);
+            assert_eq!(
+                r.headers()[WWW_AUTHENTICATE],
+                r#"Bearer realm="keygate", error="invalid_token""#
+            );
             bodies.push(body_json(r).await);
         }
         assert!(bodies.windows(2).all(|w| w[0] == w[1]));
         let missing = Rejection::Unauthorized(AuthFailure::Missing).into_response();
-        assert_eq!(missing.headers()[WWW_AUTHENTICATE], r#"Bearer realm="keygate""#);
+        assert_eq!(
+            missing.headers()[WWW_AUTHENTICATE],
+            r#"Bearer realm="keygate""#
+        );
     }
 
     #[tokio::test]
     async fn a_403_names_the_required_scope() {
         let r = Rejection::Forbidden(Scope::new("tickets:write").expect("scope")).into_response();
         assert_eq!(r.status(), 403);
-        assert!(r.headers()[WWW_AUTHENTICATE].to_str().expect("ascii").contains(r#"scope="tickets:write""#));
+        assert!(r.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .expect("ascii")
+            .contains(r#"scope="tickets:write""#));
         let v = body_json(r).await;
         assert_eq!(v["error"], "insufficient_scope");
         assert_eq!(v["required_scope"], "tickets:write");

@@ -60,7 +60,8 @@ pub fn extract_key(headers: &HeaderMap) -> Result<(KeySource, &str), CredentialE
         }
         let bytes = value.as_bytes();
         if bytes.len() >= 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-            let token = value.to_str().map_err(|_| CredentialError::Malformed)?[7..].trim_matches(' ');
+            let token =
+                value.to_str().map_err(|_| CredentialError::Malformed)?[7..].trim_matches(' ');
             if token.is_empty() {
                 return Err(CredentialError::Malformed);
             }
@@ -72,7 +73,10 @@ pub fn extract_key(headers: &HeaderMap) -> Result<(KeySource, &str), CredentialE
         if api_key.next().is_some() || found.is_some() {
             return Err(CredentialError::Ambiguous);
         }
-        let token = value.to_str().map_err(|_| CredentialError::Malformed)?.trim_matches(' ');
+        let token = value
+            .to_str()
+            .map_err(|_| CredentialError::Malformed)?
+            .trim_matches(' ');
         if token.is_empty() {
             return Err(CredentialError::Malformed);
         }
@@ -88,7 +92,8 @@ fn is_reserved(name: &str) -> bool {
         b'_' | b'.' => b'-',
         b => b.to_ascii_lowercase(),
     };
-    let starts = |p: &str| name.len() >= p.len() && name.bytes().take(p.len()).map(normalised).eq(p.bytes());
+    let starts =
+        |p: &str| name.len() >= p.len() && name.bytes().take(p.len()).map(normalised).eq(p.bytes());
     starts("x-keygate-")
         || starts("x-forwarded-")
         || starts("x-real-ip")
@@ -109,7 +114,11 @@ pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>) {
     }
     // Header names are lower-case in a HeaderMap; only odd spellings need the slow check.
     if headers.keys().any(|n| is_reserved(n.as_str())) {
-        let doomed: Vec<HeaderName> = headers.keys().filter(|n| is_reserved(n.as_str())).cloned().collect();
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_reserved(n.as_str()))
+            .cloned()
+            .collect();
         for name in doomed {
             headers.remove(&name);
         }
@@ -180,18 +189,33 @@ mod tests {
     fn map(pairs: &[(&str, &[u8])]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_bytes(v).expect("value"));
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_bytes(v).expect("value"),
+            );
         }
         h
     }
 
     #[test]
     fn keys_come_from_bearer_or_x_api_key() {
-        assert_eq!(extract_key(&map(&[("authorization", b"Bearer abc")])), Ok((KeySource::Authorization, "abc")));
-        assert_eq!(extract_key(&map(&[("authorization", b"bearer  abc ")])), Ok((KeySource::Authorization, "abc")));
-        assert_eq!(extract_key(&map(&[("x-api-key", b"abc")])), Ok((KeySource::XApiKey, "abc")));
         assert_eq!(
-            extract_key(&map(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"abc")])),
+            extract_key(&map(&[("authorization", b"Bearer abc")])),
+            Ok((KeySource::Authorization, "abc"))
+        );
+        assert_eq!(
+            extract_key(&map(&[("authorization", b"bearer  abc ")])),
+            Ok((KeySource::Authorization, "abc"))
+        );
+        assert_eq!(
+            extract_key(&map(&[("x-api-key", b"abc")])),
+            Ok((KeySource::XApiKey, "abc"))
+        );
+        assert_eq!(
+            extract_key(&map(&[
+                ("authorization", b"Basic dXNlcg=="),
+                ("x-api-key", b"abc")
+            ])),
             Ok((KeySource::XApiKey, "abc")),
             "another Authorization scheme is the upstream's business"
         );
@@ -200,18 +224,33 @@ mod tests {
     #[test]
     fn missing_malformed_and_ambiguous_credentials_are_told_apart() {
         assert_eq!(extract_key(&map(&[])), Err(CredentialError::Missing));
-        assert_eq!(extract_key(&map(&[("authorization", b"Basic x")])), Err(CredentialError::Missing));
-        assert_eq!(extract_key(&map(&[("authorization", b"Bearer ")])), Err(CredentialError::Malformed));
-        assert_eq!(extract_key(&map(&[("x-api-key", b"k\xffey")])), Err(CredentialError::Malformed));
         assert_eq!(
-            extract_key(&map(&[("authorization", b"Bearer a"), ("authorization", b"Bearer b")])),
+            extract_key(&map(&[("authorization", b"Basic x")])),
+            Err(CredentialError::Missing)
+        );
+        assert_eq!(
+            extract_key(&map(&[("authorization", b"Bearer ")])),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            extract_key(&map(&[("x-api-key", b"k\xffey")])),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            extract_key(&map(&[
+                ("authorization", b"Bearer a"),
+                ("authorization", b"Bearer b")
+            ])),
             Err(CredentialError::Ambiguous)
         );
         assert_eq!(
             extract_key(&map(&[("authorization", b"Bearer a"), ("x-api-key", b"a")])),
             Err(CredentialError::Ambiguous)
         );
-        assert_eq!(extract_key(&map(&[("x-api-key", b"a"), ("x-api-key", b"b")])), Err(CredentialError::Ambiguous));
+        assert_eq!(
+            extract_key(&map(&[("x-api-key", b"a"), ("x-api-key", b"b")])),
+            Err(CredentialError::Ambiguous)
+        );
     }
 
     #[test]
@@ -243,15 +282,26 @@ mod tests {
 
     #[test]
     fn an_x_api_key_is_stripped_and_other_authorization_kept() {
-        let mut h = map(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"k"), ("X_Api_Key", b"k")]);
+        let mut h = map(&[
+            ("authorization", b"Basic dXNlcg=="),
+            ("x-api-key", b"k"),
+            ("X_Api_Key", b"k"),
+        ]);
         strip_request(&mut h, Some(KeySource::XApiKey));
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["authorization"]);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["authorization"]
+        );
     }
 
     #[test]
     fn forwarding_headers_are_set_after_stripping() {
         let mut h = HeaderMap::new();
-        let identity = [HeaderValue::from_static("billing"), HeaderValue::from_static("kgsAAAAA"), HeaderValue::from_static("a b")];
+        let identity = [
+            HeaderValue::from_static("billing"),
+            HeaderValue::from_static("kgsAAAAA"),
+            HeaderValue::from_static("a b"),
+        ];
         let rid = HeaderValue::from_static("r1");
         set_forwarding(
             &mut h,

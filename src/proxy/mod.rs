@@ -57,7 +57,13 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
-    pub fn new(config: &Config, table: Arc<KeyTable>, verifier: Arc<Verifier>, usage: Arc<Usage>, clock: Clock) -> Self {
+    pub fn new(
+        config: &Config,
+        table: Arc<KeyTable>,
+        verifier: Arc<Verifier>,
+        usage: Arc<Usage>,
+        clock: Clock,
+    ) -> Self {
         ProxyState {
             router: Router::new(&config.routes),
             table,
@@ -74,13 +80,21 @@ impl ProxyState {
 
 /// Serves the proxy on `listener` until `shutdown`, then stops accepting and lets in-flight
 /// requests finish for up to `grace`.
-pub async fn serve(listener: TcpListener, state: Arc<ProxyState>, shutdown: CancellationToken, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.header_read_timeout);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 
@@ -104,21 +118,33 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>, shutdown: Canc
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(pipeline::handle(&state, peer, req).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(pipeline::handle(&state, peer, req).await)
+                }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace elapsed; closing remaining connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace elapsed; closing remaining connections"
+        );
     }
 }
 
 /// The address a listener is bound to (for logs and tests).
 pub fn local_addr(listener: &TcpListener) -> SocketAddr {
-    listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }

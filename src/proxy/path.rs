@@ -37,11 +37,17 @@ pub fn canonical_path(path: &[u8]) -> Result<(), PathError> {
             b'\\' => return Err(PathError::Backslash),
             b'#' | b' ' | 0..=0x1f | 0x7f..=0xff => return Err(PathError::Forbidden),
             b'%' => {
-                let (Some(h), Some(l)) = (path.get(i + 1).and_then(hex), path.get(i + 2).and_then(hex)) else {
+                let (Some(h), Some(l)) =
+                    (path.get(i + 1).and_then(hex), path.get(i + 2).and_then(hex))
+                else {
                     return Err(PathError::BadEncoding);
                 };
                 let byte = h << 4 | l;
-                if byte.is_ascii_alphanumeric() || b"-._~/\\".contains(&byte) || byte < 0x20 || byte == 0x7f {
+                if byte.is_ascii_alphanumeric()
+                    || b"-._~/\\".contains(&byte)
+                    || byte < 0x20
+                    || byte == 0x7f
+                {
                     return Err(PathError::AmbiguousEncoding);
                 }
                 has_non_ascii_escape |= byte >= 0x80;
@@ -86,7 +92,9 @@ fn percent_decode(path: &[u8]) -> Vec<u8> {
     let mut i = 0;
     while i < path.len() {
         if path[i] == b'%' {
-            if let (Some(h), Some(l)) = (path.get(i + 1).and_then(hex), path.get(i + 2).and_then(hex)) {
+            if let (Some(h), Some(l)) =
+                (path.get(i + 1).and_then(hex), path.get(i + 2).and_then(hex))
+            {
                 out.push(h << 4 | l);
                 i += 3;
                 continue;
@@ -104,7 +112,16 @@ mod tests {
 
     #[test]
     fn ordinary_paths_are_canonical() {
-        for ok in ["/", "/api", "/api/v1/recordings/42", "/a/b.c/d..e", "/files/%20x", "/%E2%82%AC", "/a;b", "/.well-known/x"] {
+        for ok in [
+            "/",
+            "/api",
+            "/api/v1/recordings/42",
+            "/a/b.c/d..e",
+            "/files/%20x",
+            "/%E2%82%AC",
+            "/a;b",
+            "/.well-known/x",
+        ] {
             assert_eq!(canonical_path(ok.as_bytes()), Ok(()), "{ok}");
         }
     }
@@ -134,7 +151,12 @@ mod tests {
             (b"/caf\xc3\xa9", PathError::Forbidden),
         ];
         for (path, want) in cases {
-            assert_eq!(canonical_path(path), Err(*want), "{}", String::from_utf8_lossy(path));
+            assert_eq!(
+                canonical_path(path),
+                Err(*want),
+                "{}",
+                String::from_utf8_lossy(path)
+            );
         }
     }
 }

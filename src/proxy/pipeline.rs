@@ -12,7 +12,10 @@ use hyper::body::Incoming;
 
 use super::body::{IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
-use super::headers::{extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding, KeySource, X_REQUEST_ID};
+use super::headers::{
+    extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding,
+    KeySource, X_REQUEST_ID,
+};
 use super::path::canonical_path;
 use super::route::Route;
 use super::ProxyState;
@@ -34,7 +37,11 @@ struct Grant<'s> {
 }
 
 /// Runs one request through the pipeline. Never fails: every error is a response.
-pub(super) async fn handle(state: &ProxyState, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(super) async fn handle(
+    state: &ProxyState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = request_id(&req);
     let method = req.method().clone();
@@ -49,7 +56,17 @@ pub(super) async fn handle(state: &ProxyState, peer: SocketAddr, req: Request<In
             let upstream_ms = upstream_started.elapsed().as_millis() as u64;
             match result {
                 Ok(response) => {
-                    log_access(state, &request_id, &method, &trail, response.status().as_u16(), "allowed", "-", auth_us, upstream_ms);
+                    log_access(
+                        state,
+                        &request_id,
+                        &method,
+                        &trail,
+                        response.status().as_u16(),
+                        "allowed",
+                        "-",
+                        auth_us,
+                        upstream_ms,
+                    );
                     let mut response = response;
                     response.headers_mut().insert(&X_REQUEST_ID, request_id);
                     return response;
@@ -65,13 +82,27 @@ pub(super) async fn handle(state: &ProxyState, peer: SocketAddr, req: Request<In
             (rejection.into_response(), outcome, reason)
         }
     };
-    log_access(state, &request_id, &method, &trail, response.status().as_u16(), outcome, reason, auth_us, 0);
+    log_access(
+        state,
+        &request_id,
+        &method,
+        &trail,
+        response.status().as_u16(),
+        outcome,
+        reason,
+        auth_us,
+        0,
+    );
     response.headers_mut().insert(&X_REQUEST_ID, request_id);
     response
 }
 
 /// Steps 1–6: everything that decides whether the request may pass.
-async fn authorize<'s>(state: &'s ProxyState, req: &Request<Incoming>, trail: &mut Trail<'s>) -> Result<Grant<'s>, Rejection> {
+async fn authorize<'s>(
+    state: &'s ProxyState,
+    req: &Request<Incoming>,
+    trail: &mut Trail<'s>,
+) -> Result<Grant<'s>, Rejection> {
     if state.table.synced_at().is_none() {
         return Err(Rejection::NotReady);
     }
@@ -79,7 +110,9 @@ async fn authorize<'s>(state: &'s ProxyState, req: &Request<Incoming>, trail: &m
     // hyper lets Content-Length and Transfer-Encoding through together; an upstream or a
     // middlebox may frame such a request differently, so refuse it (RFC 9112 §6.3).
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
-        return Err(Rejection::BadRequest("content_length_with_transfer_encoding"));
+        return Err(Rejection::BadRequest(
+            "content_length_with_transfer_encoding",
+        ));
     }
     if req.method() == Method::CONNECT {
         return Err(Rejection::BadRequest("connect_not_supported"));
@@ -87,7 +120,10 @@ async fn authorize<'s>(state: &'s ProxyState, req: &Request<Incoming>, trail: &m
     let path = req.uri().path();
     canonical_path(path.as_bytes()).map_err(|_| Rejection::BadRequest("non_canonical_path"))?;
 
-    let route = state.router.find(req.method(), path).ok_or(Rejection::NoRoute)?;
+    let route = state
+        .router
+        .find(req.method(), path)
+        .ok_or(Rejection::NoRoute)?;
     trail.route = Some(&route.name);
 
     let (source, text) = extract_key(headers).map_err(|e| match e {
@@ -98,23 +134,34 @@ async fn authorize<'s>(state: &'s ProxyState, req: &Request<Incoming>, trail: &m
     let key = keys::parse(text).map_err(|_| Rejection::Unauthorized(AuthFailure::Malformed))?;
     trail.prefix = Some(key.prefix);
 
-    let entry = state.table.lookup(&key.prefix).ok_or(Rejection::Unauthorized(AuthFailure::Unknown))?;
+    let entry = state
+        .table
+        .lookup(&key.prefix)
+        .ok_or(Rejection::Unauthorized(AuthFailure::Unknown))?;
     // Revocation and expiry come from the live table before any cache is consulted.
     match entry.state(state.clock.now_ms()) {
         KeyState::Active => {}
         KeyState::Revoked => return Err(Rejection::Unauthorized(AuthFailure::Revoked)),
         KeyState::Expired => return Err(Rejection::Unauthorized(AuthFailure::Expired)),
     }
-    state.verifier.verify(&entry, &key).await.map_err(|e| match e {
-        VerifyError::Mismatch => Rejection::Unauthorized(AuthFailure::Unknown),
-        VerifyError::Busy => Rejection::Busy,
-    })?;
+    state
+        .verifier
+        .verify(&entry, &key)
+        .await
+        .map_err(|e| match e {
+            VerifyError::Mismatch => Rejection::Unauthorized(AuthFailure::Unknown),
+            VerifyError::Busy => Rejection::Busy,
+        })?;
     trail.entry = Some(entry.clone());
 
     if !entry.scopes.contains(&route.scope) {
         return Err(Rejection::Forbidden(route.scope.clone()));
     }
-    Ok(Grant { route, entry, source })
+    Ok(Grant {
+        route,
+        entry,
+        source,
+    })
 }
 
 /// Steps 7–9 for an authorised request.
@@ -126,11 +173,12 @@ async fn forward(
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let (mut parts, body) = req.into_parts();
-    let original_host = parts
-        .headers
-        .get(HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
 
     strip_request(&mut parts.headers, Some(grant.source));
     let upstream = &grant.route.upstream;
@@ -148,7 +196,13 @@ async fn forward(
     let mut uri = Parts::default();
     uri.scheme = Some(upstream.scheme.clone());
     uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
     parts.uri = Uri::from_parts(uri).map_err(|_| Rejection::BadRequest("bad_request_target"))?;
     parts.version = Version::HTTP_11;
 
@@ -157,7 +211,10 @@ async fn forward(
     let response = state.client.send(request).await?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, ProxyBody::Upstream(IdleTimeout::new(body, state.idle_timeout))))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Upstream(IdleTimeout::new(body, state.idle_timeout)),
+    ))
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.

@@ -68,7 +68,11 @@ mod tests {
     use crate::config::Config;
 
     fn router(toml: &str) -> Router {
-        Router::new(&Config::from_toml(toml, "test", std::iter::empty()).expect("valid config").routes)
+        Router::new(
+            &Config::from_toml(toml, "test", std::iter::empty())
+                .expect("valid config")
+                .routes,
+        )
     }
 
     const ROUTES: &str = r#"
@@ -103,18 +107,39 @@ mod tests {
     #[test]
     fn the_longest_matching_prefix_with_the_method_wins() {
         let r = router(ROUTES);
-        assert_eq!(name(&r, Method::GET, "/recordings/42").as_deref(), Some("rec-read"));
-        assert_eq!(name(&r, Method::POST, "/recordings/42").as_deref(), Some("rec-write"));
-        assert_eq!(name(&r, Method::GET, "/recordings/export/7").as_deref(), Some("export"));
-        assert_eq!(name(&r, Method::GET, "/recordings").as_deref(), Some("rec-read"));
-        assert_eq!(name(&r, Method::DELETE, "/recordings/42").as_deref(), Some("root"));
+        assert_eq!(
+            name(&r, Method::GET, "/recordings/42").as_deref(),
+            Some("rec-read")
+        );
+        assert_eq!(
+            name(&r, Method::POST, "/recordings/42").as_deref(),
+            Some("rec-write")
+        );
+        assert_eq!(
+            name(&r, Method::GET, "/recordings/export/7").as_deref(),
+            Some("export")
+        );
+        assert_eq!(
+            name(&r, Method::GET, "/recordings").as_deref(),
+            Some("rec-read")
+        );
+        assert_eq!(
+            name(&r, Method::DELETE, "/recordings/42").as_deref(),
+            Some("root")
+        );
     }
 
     #[test]
     fn prefixes_match_whole_segments_only() {
         let r = router(ROUTES);
-        assert_eq!(name(&r, Method::GET, "/recordingsX").as_deref(), Some("root"));
-        assert_eq!(name(&r, Method::GET, "/recordings/exporter").as_deref(), Some("rec-read"));
+        assert_eq!(
+            name(&r, Method::GET, "/recordingsX").as_deref(),
+            Some("root")
+        );
+        assert_eq!(
+            name(&r, Method::GET, "/recordings/exporter").as_deref(),
+            Some("rec-read")
+        );
     }
 
     #[test]
@@ -122,6 +147,10 @@ mod tests {
         let r = router(&ROUTES.replacen("path_prefix = \"/\"\n", "path_prefix = \"/other\"\n", 1));
         assert_eq!(name(&r, Method::GET, "/tickets"), None);
         assert_eq!(name(&r, Method::GET, "/"), None);
-        assert_eq!(name(&r, Method::GET, "/Recordings/1"), None, "routes are case-sensitive");
+        assert_eq!(
+            name(&r, Method::GET, "/Recordings/1"),
+            None,
+            "routes are case-sensitive"
+        );
     }
 }

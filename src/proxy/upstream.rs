@@ -29,7 +29,10 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        UpstreamClient { client, response_timeout }
+        UpstreamClient {
+            client,
+            response_timeout,
+        }
     }
 
     /// Sends `req` and waits for the response head. The body then streams without a deadline.
@@ -41,7 +44,10 @@ impl UpstreamClient {
                 Err(Rejection::BadGateway)
             }
             Err(_) => {
-                tracing::warn!(timeout_ms = self.response_timeout.as_millis() as u64, "upstream did not answer in time");
+                tracing::warn!(
+                    timeout_ms = self.response_timeout.as_millis() as u64,
+                    "upstream did not answer in time"
+                );
                 Err(Rejection::GatewayTimeout)
             }
         }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::config::DatabaseUrl;
 use crate::keys::{KeyId, KeyKind, KeyRow};
@@ -141,7 +143,8 @@ struct TableRow {
     owner_name: String,
 }
 
-const KEY_RECORD: &str = "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.name, k.scopes,
+const KEY_RECORD: &str =
+    "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.name, k.scopes,
         k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by, k.last_used_at
    FROM api_keys k JOIN service_accounts a ON a.id = k.account_id";
 
@@ -189,7 +192,10 @@ impl Store {
 
     /// A round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(drop))?;
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
@@ -199,7 +205,11 @@ impl Store {
 
     // ---- service accounts -------------------------------------------------------------
 
-    pub async fn create_account(&self, account: &Account, audit: &AuditEntry) -> Result<Account, StoreError> {
+    pub async fn create_account(
+        &self,
+        account: &Account,
+        audit: &AuditEntry,
+    ) -> Result<Account, StoreError> {
         let created = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let created = sqlx::query_as::<_, Account>(
@@ -213,7 +223,11 @@ impl Store {
             .bind(&account.created_by)
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| conflict(e, || format!("a service account named `{}` already exists", account.name)))?;
+            .map_err(|e| {
+                conflict(e, || {
+                    format!("a service account named `{}` already exists", account.name)
+                })
+            })?;
             insert_audit!(&mut *tx, audit).await?;
             tx.commit().await?;
             created
@@ -223,24 +237,36 @@ impl Store {
 
     pub async fn accounts(&self) -> Result<Vec<Account>, StoreError> {
         let sql = "SELECT id, name, description, created_at, created_by FROM service_accounts ORDER BY name";
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, Account>(sql).fetch_all(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, Account>(sql)
+            .fetch_all(pool)
+            .await)?)
     }
 
     pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
         let sql = "SELECT id, name, description, created_at, created_by FROM service_accounts WHERE name = $1";
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, Account>(sql).bind(name).fetch_optional(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, Account>(sql)
+            .bind(name)
+            .fetch_optional(pool)
+            .await)?)
     }
 
     pub async fn account(&self, id: i64) -> Result<Option<Account>, StoreError> {
         let sql = "SELECT id, name, description, created_at, created_by FROM service_accounts WHERE id = $1";
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, Account>(sql).bind(id).fetch_optional(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, Account>(sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?)
     }
 
     // ---- keys -------------------------------------------------------------------------
 
     /// Stores a key and its audit entry in one transaction. A prefix or name already taken is
     /// a `Conflict` (the caller retries a prefix clash with a new key).
-    pub async fn insert_key(&self, key: &NewKey, audit: &AuditEntry) -> Result<KeyRecord, StoreError> {
+    pub async fn insert_key(
+        &self,
+        key: &NewKey,
+        audit: &AuditEntry,
+    ) -> Result<KeyRecord, StoreError> {
         let id: i64 = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let id: i64 = sqlx::query_scalar(
@@ -262,20 +288,32 @@ impl Store {
             tx.commit().await?;
             id
         });
-        self.key(id).await?.ok_or_else(|| StoreError::NotFound(format!("key {id}")))
+        self.key(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))
     }
 
     pub async fn key(&self, id: i64) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!("{KEY_RECORD} WHERE k.id = $1");
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql).bind(id).fetch_optional(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?)
     }
 
     pub async fn key_by_prefix(&self, prefix: &str) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!("{KEY_RECORD} WHERE k.prefix = $1");
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql).bind(prefix).fetch_optional(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql)
+            .bind(prefix)
+            .fetch_optional(pool)
+            .await)?)
     }
 
-    pub async fn key_by_name(&self, account_id: i64, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+    pub async fn key_by_name(
+        &self,
+        account_id: i64,
+        name: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let sql = format!("{KEY_RECORD} WHERE k.account_id = $1 AND k.name = $2");
         Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql)
             .bind(account_id)
@@ -287,11 +325,20 @@ impl Store {
     /// Keys, newest first; of one account when `account_id` is given.
     pub async fn keys(&self, account_id: Option<i64>) -> Result<Vec<KeyRecord>, StoreError> {
         let sql = format!("{KEY_RECORD} WHERE ($1 IS NULL OR k.account_id = $1) ORDER BY a.name, k.created_at DESC, k.id DESC");
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql).bind(account_id).fetch_all(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql)
+            .bind(account_id)
+            .fetch_all(pool)
+            .await)?)
     }
 
     /// Revokes an active key. Revoking an unknown key is `NotFound`; a revoked one, `Conflict`.
-    pub async fn revoke_key(&self, id: i64, at: i64, by: &str, audit: &AuditEntry) -> Result<KeyRecord, StoreError> {
+    pub async fn revoke_key(
+        &self,
+        id: i64,
+        at: i64,
+        by: &str,
+        audit: &AuditEntry,
+    ) -> Result<KeyRecord, StoreError> {
         let changed = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let n = sqlx::query("UPDATE api_keys SET revoked_at = $1, revoked_by = $2 WHERE id = $3 AND revoked_at IS NULL")
@@ -307,32 +354,51 @@ impl Store {
             tx.commit().await?;
             n
         });
-        let record = self.key(id).await?.ok_or_else(|| StoreError::NotFound(format!("no key with id {id}")))?;
+        let record = self
+            .key(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no key with id {id}")))?;
         if changed == 0 {
-            return Err(StoreError::Conflict(format!("key {} is already revoked", record.prefix)));
+            return Err(StoreError::Conflict(format!(
+                "key {} is already revoked",
+                record.prefix
+            )));
         }
         Ok(record)
     }
 
     /// Sets or clears an active key's expiry.
-    pub async fn set_key_expiry(&self, id: i64, expires_at: Option<i64>, audit: &AuditEntry) -> Result<KeyRecord, StoreError> {
+    pub async fn set_key_expiry(
+        &self,
+        id: i64,
+        expires_at: Option<i64>,
+        audit: &AuditEntry,
+    ) -> Result<KeyRecord, StoreError> {
         let changed = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
-            let n = sqlx::query("UPDATE api_keys SET expires_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(expires_at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            let n = sqlx::query(
+                "UPDATE api_keys SET expires_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            )
+            .bind(expires_at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
             if n == 1 {
                 insert_audit!(&mut *tx, audit).await?;
             }
             tx.commit().await?;
             n
         });
-        let record = self.key(id).await?.ok_or_else(|| StoreError::NotFound(format!("no key with id {id}")))?;
+        let record = self
+            .key(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no key with id {id}")))?;
         if changed == 0 {
-            return Err(StoreError::Conflict(format!("key {} is revoked; its expiry cannot change", record.prefix)));
+            return Err(StoreError::Conflict(format!(
+                "key {} is revoked; its expiry cannot change",
+                record.prefix
+            )));
         }
         Ok(record)
     }
@@ -351,12 +417,19 @@ impl Store {
                           g.last_seen_at, g.updated_at, g.id, g.name
                      FROM gateways g
                     WHERE g.updated_at > $1";
-        let rows = on_pool!(self, |pool| sqlx::query_as::<_, TableRow>(sql).bind(since).fetch_all(pool).await)?;
+        let rows = on_pool!(self, |pool| sqlx::query_as::<_, TableRow>(sql)
+            .bind(since)
+            .fetch_all(pool)
+            .await)?;
         Ok(rows
             .into_iter()
             .map(|r| KeyRow {
                 id: KeyId {
-                    kind: if r.kind == "g" { KeyKind::Gateway } else { KeyKind::ServiceAccount },
+                    kind: if r.kind == "g" {
+                        KeyKind::Gateway
+                    } else {
+                        KeyKind::ServiceAccount
+                    },
                     id: r.id,
                 },
                 prefix: r.prefix,
@@ -377,8 +450,15 @@ impl Store {
     /// Stamps `last_used_at` for service-account keys and `last_seen_at` for gateways, one
     /// statement per table, never moving a stamp backwards (other sidecars may have written a
     /// newer one).
-    pub async fn stamp_last_used(&self, keys: &[(i64, i64)], gateways: &[(i64, i64)]) -> Result<(), StoreError> {
-        for (table, column, stamps) in [("api_keys", "last_used_at", keys), ("gateways", "last_seen_at", gateways)] {
+    pub async fn stamp_last_used(
+        &self,
+        keys: &[(i64, i64)],
+        gateways: &[(i64, i64)],
+    ) -> Result<(), StoreError> {
+        for (table, column, stamps) in [
+            ("api_keys", "last_used_at", keys),
+            ("gateways", "last_seen_at", gateways),
+        ] {
             if stamps.is_empty() {
                 continue;
             }
@@ -424,7 +504,10 @@ impl Store {
     pub async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
         let sql = "SELECT at, actor_type, actor_id, action, key_prefix, scopes, detail, client_addr
                      FROM audit_log ORDER BY id DESC LIMIT $1";
-        Ok(on_pool!(self, |pool| sqlx::query_as::<_, AuditEntry>(sql).bind(limit).fetch_all(pool).await)?)
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, AuditEntry>(sql)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?)
     }
 }
 

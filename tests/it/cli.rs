@@ -1,0 +1,368 @@
+//! The real binary: commands, their errors, and `serve` end to end with a signal to stop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::both_engines;
+use crate::harness::*;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keygate")
+}
+
+/// A configuration file in a temporary directory.
+struct ConfigFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn write_config(text: &str) -> ConfigFile {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, text).expect("write config");
+    ConfigFile { _dir: dir, path }
+}
+
+fn keygate(config: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run keygate")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}{}",
+        stderr(&o),
+        stdout(&o)
+    );
+    stdout(&o)
+}
+
+/// Asserts a command failed with exactly one `error:` line mentioning `needle`.
+fn fails_with(o: Output, needle: &str) {
+    assert!(
+        !o.status.success(),
+        "command unexpectedly succeeded: {}",
+        stdout(&o)
+    );
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
+    assert_eq!(lines.len(), 1, "one line of error expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "`{needle}` not in: {err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+both_engines! {
+    async fn the_cli_issues_keys_once_and_lists_them_without_secrets(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let cfg = write_config(&format!("[database]\nurl = \"{}\"\n[hashing]\nmemory_kib = 1024\niterations = 1\n", db.url));
+        ok(keygate(&cfg.path, &["migrate"]));
+        ok(keygate(&cfg.path, &["account", "create", "billing"]));
+        let out = ok(keygate(&cfg.path, &[
+            "key", "create", "--account", "billing", "--name", "ci", "--scope", "recordings:read",
+            "--scope", "tickets:write", "--expires-in", "7d", "--json",
+        ]));
+        let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let key = created["key"].as_str().expect("key").to_string();
+        assert_eq!(created["prefix"].as_str(), Some(&key[..8]));
+        assert_eq!(created["scopes"], serde_json::json!(["recordings:read", "tickets:write"]));
+        assert!(created["expires_at"].as_str().expect("expiry").ends_with('Z'));
+        assert!(created["id"].as_i64().is_some());
+
+        let human = ok(keygate(&cfg.path, &["key", "create", "--account", "billing", "--name", "ops", "--scope", "tickets:write"]));
+        assert!(human.contains("shown only this once"));
+
+        let list = ok(keygate(&cfg.path, &["key", "list", "--json"]));
+        assert!(!list.contains(&key[9..]), "key list must never show a key");
+        assert!(!list.contains("argon2"), "key list must never show a hash");
+        let keys: serde_json::Value = serde_json::from_str(list.trim()).expect("json");
+        let ci = keys.as_array().expect("array").iter().find(|k| k["name"] == "ci").expect("ci key listed");
+        assert_eq!(ci["status"], "expiring");
+        assert_eq!(ci["account"], "billing");
+        assert!(ci["last_used_at"].is_null());
+        let table = ok(keygate(&cfg.path, &["key", "list", "--account", "billing"]));
+        assert!(table.contains("PREFIX") && table.contains(&key[..8]) && !table.contains(&key[9..]));
+
+        ok(keygate(&cfg.path, &["key", "expire", &key[..8], "--in", "1h"]));
+        ok(keygate(&cfg.path, &["key", "revoke", &key[..8]]));
+        let list = ok(keygate(&cfg.path, &["key", "list", "--json"]));
+        let keys: serde_json::Value = serde_json::from_str(list.trim()).expect("json");
+        let ci = keys.as_array().expect("array").iter().find(|k| k["name"] == "ci").expect("ci");
+        assert_eq!(ci["status"], "revoked");
+        let accounts: serde_json::Value = serde_json::from_str(ok(keygate(&cfg.path, &["account", "list", "--json"])).trim()).expect("json");
+        assert_eq!(accounts[0]["name"], "billing");
+    }
+}
+
+both_engines! {
+    async fn cli_errors_are_one_clear_line_and_change_nothing(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let cfg = write_config(&format!("[database]\nurl = \"{}\"\n[hashing]\nmemory_kib = 1024\niterations = 1\n", db.url));
+        ok(keygate(&cfg.path, &["account", "create", "billing"]));
+        ok(keygate(&cfg.path, &["key", "create", "--account", "billing", "--name", "ci", "--scope", "a:read"]));
+
+        fails_with(keygate(&cfg.path, &["account", "create", "billing"]), "already exists");
+        fails_with(keygate(&cfg.path, &["key", "create", "--account", "nobody", "--name", "x", "--scope", "a:read"]), "no service account named `nobody`");
+        fails_with(keygate(&cfg.path, &["key", "create", "--account", "billing", "--name", "ci", "--scope", "a:read"]), "already has a key named `ci`");
+        fails_with(keygate(&cfg.path, &["key", "create", "--account", "billing", "--name", "y", "--scope", "bad/scope"]), "is not a scope");
+        fails_with(keygate(&cfg.path, &["key", "create", "--account", "billing", "--name", "y", "--scope", "a:read", "--expires-at", "tomorrow"]), "RFC 3339");
+        fails_with(keygate(&cfg.path, &["key", "revoke", "kgsZZZZZ"]), "no key with prefix");
+        fails_with(keygate(&cfg.path, &["key", "revoke", "nope"]), "is not a key prefix");
+
+        let keys: serde_json::Value = serde_json::from_str(ok(keygate(&cfg.path, &["key", "list", "--json"])).trim()).expect("json");
+        assert_eq!(keys.as_array().expect("array").len(), 1, "no failed command wrote anything");
+    }
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_the_exact_setting() {
+    let cfg = write_config("[database]\nrefresh_interval = \"often\"\n");
+    fails_with(
+        keygate(&cfg.path, &["config", "check"]),
+        "database.refresh_interval",
+    );
+    let cfg = write_config("[proxy]\nlisten_addr = \"127.0.0.1:1\"\n");
+    fails_with(keygate(&cfg.path, &["serve"]), "proxy.listen_addr");
+    let ok_cfg = ok(keygate(
+        Path::new("config.example.toml"),
+        &["config", "check"],
+    ));
+    assert!(ok_cfg.contains("configuration is valid"));
+}
+
+#[test]
+fn an_unreachable_database_is_named_in_one_line() {
+    let port = free_port();
+    let cfg = write_config(&format!(
+        "[database]\nurl = \"postgres://keygate:pw@127.0.0.1:{port}/keys\"\n"
+    ));
+    let out = keygate(&cfg.path, &["account", "list"]);
+    fails_with(
+        out,
+        &format!("cannot open database postgres://keygate:***@127.0.0.1:{port}/keys"),
+    );
+}
+
+/// `keygate serve` as a child process, stopped with SIGTERM on drop.
+struct Served {
+    child: Child,
+    proxy: u16,
+    cfg: ConfigFile,
+}
+
+impl Served {
+    async fn start(db_url: &str, upstream: std::net::SocketAddr, extra: &str) -> Served {
+        let (proxy, admin) = (free_port(), free_port());
+        let cfg = write_config(&format!(
+            "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [database]\nurl = \"{db_url}\"\nrefresh_interval = \"100ms\"\n[last_used]\nflush_interval = \"200ms\"\n\
+             [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
+            standard_routes(upstream)
+        ));
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(&cfg.path)
+            .arg("serve")
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keygate serve");
+        let served = Served { child, proxy, cfg };
+        let c = client();
+        let started = Instant::now();
+        loop {
+            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(empty())
+                .expect("req");
+            if let Ok(r) = c.request(req).await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "keygate serve did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        served
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.proxy, path)
+    }
+
+    fn sigterm(&self) {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+    }
+
+    /// Stops with SIGTERM and returns (exit success, stderr).
+    fn stop(mut self) -> (bool, String) {
+        self.sigterm();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status.success(), err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keygate did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+both_engines! {
+    async fn the_binary_serves_authenticates_revokes_and_stops_cleanly_on_sigterm(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let upstream = Upstream::start().await;
+        let served = Served::start(&db.url, upstream.addr, "").await;
+        let cfg = served.cfg.path.clone();
+        ok(keygate(&cfg, &["account", "create", "alerts"]));
+        let out = ok(keygate(&cfg, &["key", "create", "--account", "alerts", "--name", "v1", "--scope", "tickets:write", "--json"]));
+        let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let key = created["key"].as_str().expect("key").to_string();
+
+        let c = client();
+        let started = Instant::now();
+        let status = loop {
+            let req = http::Request::post(served.url("/tickets/new")).header("x-api-key", &key).body(full("{}")).expect("req");
+            let r = send_with(&c, req).await;
+            if r.status != 401 || started.elapsed() > Duration::from_secs(3) {
+                break r.status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status, 200, "the new key works within a refresh");
+        assert_eq!(upstream.last().headers["x-keygate-account"], "alerts");
+
+        ok(keygate(&cfg, &["key", "revoke", &key[..8]]));
+        let started = Instant::now();
+        loop {
+            let req = http::Request::post(served.url("/tickets/new")).header("x-api-key", &key).body(full("{}")).expect("req");
+            if send_with(&c, req).await.status == 401 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(2), "revoked key still accepted by the binary");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (success, logs) = served.stop();
+        assert!(success, "exit status 0 after SIGTERM; logs:\n{logs}");
+        assert!(logs.contains("keygate stopped"), "{logs}");
+        assert!(!logs.contains(&key[9..]), "a log line contained the key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_streams_large_bodies_in_bounded_memory() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let upstream = Upstream::start().await;
+    let served = Served::start(&db.url, upstream.addr, "[log]\naccess_log = false").await;
+    let cfg = served.cfg.path.clone();
+    ok(keygate(&cfg, &["account", "create", "exporter"]));
+    let out = ok(keygate(
+        &cfg,
+        &[
+            "key",
+            "create",
+            "--account",
+            "exporter",
+            "--name",
+            "v1",
+            "--scope",
+            "recordings:read",
+            "--scope",
+            "recordings:write",
+            "--json",
+        ],
+    ));
+    let key = serde_json::from_str::<serde_json::Value>(out.trim()).expect("json")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let c = client();
+    let upload = http::Request::put(served.url("/recordings/upload"))
+        .header("x-api-key", &key)
+        .body(http_body_util::BodyExt::boxed(ZeroBody::new(SIZE)))
+        .expect("req");
+    let r = send_with(&c, upload).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-upstream-received-bytes"], SIZE.to_string());
+
+    let download = http::Request::get(served.url(&format!("/recordings/download?bytes={SIZE}")))
+        .header("x-api-key", &key)
+        .body(empty())
+        .expect("req");
+    let response = c.request(download).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        got += frame
+            .expect("frame")
+            .data_ref()
+            .map(|d| d.len() as u64)
+            .unwrap_or(0);
+    }
+    assert_eq!(got, SIZE);
+    let peak = served.peak_rss_kib();
+    assert!(
+        peak < 64 * 1024,
+        "peak resident memory {peak} KiB for 256 MiB each way"
+    );
+    let (success, _) = served.stop();
+    assert!(success);
+}

@@ -1,0 +1,549 @@
+//! The test harness: a fresh database per test (a SQLite file in a temporary directory, or a new
+//! PostgreSQL database dropped afterwards), a real recording upstream on a real port, and
+//! keygate itself on port 0 with typed helpers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keygate::clock::Clock;
+use keygate::config::Config;
+use keygate::manage::{Actor, IssuedKey, Manager};
+use keygate::server::{self, Keygate};
+use keygate::store::{Account, Store};
+use tokio::net::TcpListener;
+
+/// Which database engine a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs the same async test body once per engine, as `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! both_engines {
+    ($(#[$meta:meta])* async fn $name:ident($engine:ident: Engine) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn body($engine: $crate::harness::Engine) $body
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() { body($crate::harness::Engine::Sqlite).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() { body($crate::harness::Engine::Postgres).await }
+        }
+    };
+}
+
+/// The PostgreSQL server tests create their databases on.
+pub fn pg_admin_url() -> String {
+    std::env::var("KEYGATE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(engine: Engine) -> TestDb {
+        match engine {
+            Engine::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+                TestDb {
+                    url,
+                    _dir: Some(dir),
+                    pg_name: None,
+                }
+            }
+            Engine::Postgres => {
+                let name = format!("keygate_test_{}", random_hex(8));
+                let admin = sqlx::PgPool::connect(&pg_admin_url()).await.expect(
+                    "PostgreSQL must be reachable for the postgres tests (set KEYGATE_TEST_PG_URL to point elsewhere)",
+                );
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create test database");
+                admin.close().await;
+                let base = pg_admin_url();
+                let url = format!(
+                    "{}/{name}",
+                    &base[..base.rfind('/').expect("url has a path")]
+                );
+                TestDb {
+                    url,
+                    _dir: None,
+                    pg_name: Some(name),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            // Drop runs outside async context: use a small runtime of our own on a thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    if let Ok(admin) = sqlx::PgPool::connect(&pg_admin_url()).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&admin)
+                                .await;
+                        admin.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    getrandom::getrandom(&mut b).expect("random");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A request as the upstream saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+}
+
+/// A real HTTP server on a real port that records every request it gets. Paths:
+/// `/…/download?bytes=N` streams N bytes back; `/…/slow?ms=N` answers after N ms; anything
+/// else answers 200 `upstream ok` after reading (and counting) the whole body.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let received: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let log = log.clone();
+                        async move { Ok::<_, Infallible>(upstream_answer(req, log).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .expect("the upstream received a request")
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().expect("lock").len()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn query_number(uri: &http::Uri, name: &str) -> u64 {
+    uri.query()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn upstream_answer(
+    req: Request<Incoming>,
+    log: Arc<Mutex<Vec<Recorded>>>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    let (parts, mut body) = req.into_parts();
+    let mut body_len = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_len += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+            Err(_) => break,
+        }
+    }
+    log.lock().expect("lock").push(Recorded {
+        method: parts.method.clone(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body_len,
+    });
+    let path = parts.uri.path();
+    if path.ends_with("/download") {
+        let n = query_number(&parts.uri, "bytes");
+        return Response::new(ZeroBody::new(n).boxed());
+    }
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_millis(query_number(&parts.uri, "ms"))).await;
+    }
+    Response::builder()
+        .header("x-upstream-received-bytes", body_len.to_string())
+        .header("connection", "x-upstream-private")
+        .header("x-upstream-private", "hop")
+        .body(Full::new(Bytes::from_static(b"upstream ok")).boxed())
+        .expect("response")
+}
+
+/// A body of N zero bytes produced lazily in 64 KiB frames (no N-sized buffer anywhere).
+pub struct ZeroBody {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl ZeroBody {
+    pub fn new(n: u64) -> Self {
+        ZeroBody {
+            left: n,
+            chunk: Bytes::from(vec![0u8; 64 * 1024]),
+        }
+    }
+}
+
+impl Body for ZeroBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        let data = self.chunk.slice(..n);
+        std::task::Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// A client response with its body read.
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub type TestClient = Client<HttpConnector, BoxBody<Bytes, Infallible>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// Options for one test instance.
+pub struct AppOptions {
+    pub clock: Clock,
+    /// Extra TOML appended to the generated configuration (more routes, other settings).
+    pub extra_toml: String,
+    pub refresh_interval: &'static str,
+    pub flush_interval: &'static str,
+    pub upstream_timeout: &'static str,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            clock: Clock::System,
+            extra_toml: String::new(),
+            refresh_interval: "100ms",
+            flush_interval: "200ms",
+            upstream_timeout: "5s",
+        }
+    }
+}
+
+/// keygate running against a fresh database in front of a recording upstream.
+pub struct TestApp {
+    pub keygate: Option<Keygate>,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub upstream: Upstream,
+    pub manager: Manager,
+    pub client: TestClient,
+    /// Kept so the database outlives the instance.
+    _db: TestDb,
+}
+
+/// The standard routes: `/recordings` (GET: recordings:read; POST: recordings:write) and
+/// `/tickets` (tickets:write), all to the test's upstream.
+pub fn standard_routes(upstream: SocketAddr) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "recordings-read"
+path_prefix = "/recordings"
+methods = ["GET", "HEAD"]
+upstream = "http://{upstream}"
+scope = "recordings:read"
+
+[[routes]]
+name = "recordings-write"
+path_prefix = "/recordings"
+methods = ["POST", "PUT"]
+upstream = "http://{upstream}"
+scope = "recordings:write"
+
+[[routes]]
+name = "tickets"
+path_prefix = "/tickets"
+upstream = "http://{upstream}"
+scope = "tickets:write"
+"#
+    )
+}
+
+/// The configuration text a test instance runs with.
+pub fn test_config_toml(db_url: &str, upstream: SocketAddr, opts: &AppOptions) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "{upstream_timeout}"
+idle_timeout = "5s"
+shutdown_grace = "5s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[database]
+url = "{db_url}"
+refresh_interval = "{refresh}"
+max_connections = 4
+
+[last_used]
+flush_interval = "{flush}"
+
+[hashing]
+memory_kib = 1024
+iterations = 1
+parallelism = 1
+
+{extra}
+{routes}
+"#,
+        upstream_timeout = opts.upstream_timeout,
+        refresh = opts.refresh_interval,
+        flush = opts.flush_interval,
+        extra = opts.extra_toml,
+        routes = standard_routes(upstream),
+    )
+}
+
+pub async fn spawn_app(engine: Engine) -> TestApp {
+    spawn_app_with(engine, AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(engine: Engine, opts: AppOptions) -> TestApp {
+    let db = TestDb::new(engine).await;
+    let upstream = Upstream::start().await;
+    spawn_on(db, upstream, opts).await
+}
+
+/// Starts keygate on an existing database and upstream (several instances may share both).
+pub async fn spawn_on(db: TestDb, upstream: Upstream, opts: AppOptions) -> TestApp {
+    let toml = test_config_toml(&db.url, upstream.addr, &opts);
+    let config =
+        Config::from_toml(&toml, "test", std::iter::empty()).expect("test config is valid");
+    let (proxy, admin) = server::bind(&config).await.expect("bind");
+    let keygate = server::start(&config, proxy, admin, opts.clock.clone())
+        .await
+        .expect("keygate starts");
+    assert!(
+        keygate.ready(Duration::from_secs(10)).await,
+        "key table loads"
+    );
+    let store = Store::connect(&config.database.url, 2)
+        .await
+        .expect("store");
+    let manager = Manager::new(store, config.hashing, opts.clock.clone()).expect("manager");
+    TestApp {
+        proxy_addr: keygate.proxy_addr,
+        admin_addr: keygate.admin_addr,
+        keygate: Some(keygate),
+        upstream,
+        manager,
+        client: client(),
+        _db: db,
+    }
+}
+
+impl TestApp {
+    pub async fn create_account(&self, name: &str) -> Account {
+        self.manager
+            .create_account(name, "", &Actor::cli())
+            .await
+            .expect("create account")
+    }
+
+    pub async fn create_key(&self, account: &Account, name: &str, scopes: &[&str]) -> IssuedKey {
+        self.create_key_expiring(account, name, scopes, None).await
+    }
+
+    pub async fn create_key_expiring(
+        &self,
+        account: &Account,
+        name: &str,
+        scopes: &[&str],
+        expires_at: Option<i64>,
+    ) -> IssuedKey {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let issued = self
+            .manager
+            .issue_key(account, name, &scopes, expires_at, &Actor::cli())
+            .await
+            .expect("issue key");
+        self.wait_for_key(issued.key.prefix().as_str()).await;
+        issued
+    }
+
+    /// Waits until the key table knows `prefix` (the refresh has picked the key up).
+    pub async fn wait_for_key(&self, prefix: &str) {
+        let p = keygate::keys::KeyPrefix::parse(prefix).expect("prefix");
+        let table = self.keygate.as_ref().expect("running").table.clone();
+        wait_until(Duration::from_secs(5), || table.lookup(&p).is_some()).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy_addr, path)
+    }
+
+    /// GET through the proxy with the key as a bearer token (or no key).
+    pub async fn get(&self, path: &str, key: Option<&str>) -> TestResponse {
+        let mut req = Request::get(self.url(path));
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        self.send(req.body(empty()).expect("request")).await
+    }
+
+    pub async fn send(&self, req: Request<BoxBody<Bytes, Infallible>>) -> TestResponse {
+        send_with(&self.client, req).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> TestResponse {
+        let req = Request::get(format!("http://{}{}", self.admin_addr, path))
+            .body(empty())
+            .expect("request");
+        self.send(req).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(k) = self.keygate.take() {
+            k.shutdown().await;
+        }
+    }
+}
+
+pub fn empty() -> BoxBody<Bytes, Infallible> {
+    Full::new(Bytes::new()).boxed()
+}
+
+pub fn full(b: impl Into<Bytes>) -> BoxBody<Bytes, Infallible> {
+    Full::new(b.into()).boxed()
+}
+
+pub async fn send_with(
+    client: &TestClient,
+    req: Request<BoxBody<Bytes, Infallible>>,
+) -> TestResponse {
+    let response = client.request(req).await.expect("request reaches keygate");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("response body").to_bytes();
+    TestResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Polls `check` every 10 ms until it holds, failing the test after `limit`.
+pub async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}

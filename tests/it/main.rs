@@ -1,0 +1,8 @@
+//! keygate's integration tests: one binary, real parts (a real upstream on a real port, real
+//! SQLite and PostgreSQL databases, the real `keygate` binary where it matters).
+
+mod harness;
+
+mod cli;
+mod proxy;
+mod store;

@@ -1,0 +1,213 @@
+//! Storage behaviour, run on SQLite and PostgreSQL alike.
+
+use keygate::clock::Clock;
+use keygate::config::{DatabaseUrl, HashingConfig};
+use keygate::keys::{KeyKind, KeyTable};
+use keygate::manage::{Actor, ManageError, Manager};
+use keygate::store::Store;
+
+use crate::both_engines;
+use crate::harness::*;
+
+const CHEAP: HashingConfig = HashingConfig {
+    memory_kib: 1024,
+    iterations: 1,
+    parallelism: 1,
+};
+
+async fn manager(db: &TestDb) -> Manager {
+    let store = Store::connect(&DatabaseUrl::new(db.url.clone()).expect("url"), 2)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    Manager::new(store, CHEAP, Clock::System).expect("manager")
+}
+
+both_engines! {
+    async fn migrations_apply_once_and_are_idempotent(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        m.store.migrate().await.expect("second migrate is a no-op");
+        assert!(m.store.accounts().await.expect("accounts").is_empty());
+    }
+}
+
+both_engines! {
+    async fn account_names_are_unique_and_validated(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        m.create_account("billing", "invoices", &Actor::cli()).await.expect("create");
+        let dup = m.create_account("billing", "", &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(dup, ManageError::Conflict(_)), "{dup}");
+        let bad = m.create_account("bad name!", "", &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(bad, ManageError::Invalid(_)), "{bad}");
+        assert_eq!(m.store.accounts().await.expect("list").len(), 1, "nothing half-written");
+    }
+}
+
+both_engines! {
+    async fn keys_are_stored_hashed_and_listed_without_secrets(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let issued = m
+            .issue_key(&account, "primary", &["b:write".into(), "a:read".into()], None, &Actor::cli())
+            .await
+            .expect("issue");
+        assert_eq!(issued.record.prefix, &issued.key.expose()[..8]);
+        assert_eq!(issued.record.scopes, "a:read b:write");
+        let rows = m.store.table_rows(i64::MIN).await.expect("rows");
+        assert_eq!(rows.len(), 1);
+        let hash = rows[0].key_hash.clone().expect("hash");
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(!hash.contains(&issued.key.expose()[9..]));
+        assert!(keygate::keys::verify_hash(&hash, issued.key.expose()));
+        let listed = serde_json::to_string(&m.store.keys(None).await.expect("keys")).expect("json");
+        assert!(!listed.contains(&issued.key.expose()[9..]) && !listed.contains("argon2"));
+    }
+}
+
+both_engines! {
+    async fn bad_key_requests_change_nothing(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        m.issue_key(&account, "primary", &["a:read".into()], None, &Actor::cli()).await.expect("issue");
+        let dup = m.issue_key(&account, "primary", &["a:read".into()], None, &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(dup, ManageError::Conflict(_)), "{dup}");
+        let bad_scope = m.issue_key(&account, "x", &["no spaces please".into()], None, &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(bad_scope, ManageError::Invalid(_)));
+        let no_scope = m.issue_key(&account, "y", &[], None, &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(no_scope, ManageError::Invalid(_)));
+        let past = m.issue_key(&account, "z", &["a:read".into()], Some(1_000), &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(past, ManageError::Invalid(_)));
+        assert_eq!(m.store.keys(None).await.expect("keys").len(), 1);
+        assert_eq!(m.store.audit(100).await.expect("audit").iter().filter(|a| a.action == "user.updated").count(), 1);
+    }
+}
+
+both_engines! {
+    async fn revocation_reaches_the_table_through_an_incremental_refresh(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let clock = Clock::System;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let a = m.issue_key(&account, "a", &["x:y".into()], None, &Actor::cli()).await.expect("a");
+        let b = m.issue_key(&account, "b", &["x:y".into()], None, &Actor::cli()).await.expect("b");
+        let table = KeyTable::new();
+        keygate::sync::load(&m.store, &table, &clock).await.expect("load");
+        assert_eq!(table.len(), 2);
+
+        m.revoke_key(&a.record, &Actor::cli()).await.expect("revoke");
+        let again = m.revoke_key(&a.record, &Actor::cli()).await.expect_err("must fail");
+        assert!(matches!(again, ManageError::Conflict(_)), "{again}");
+        let changed = keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh");
+        assert_eq!(changed, 1, "only the revoked key changed");
+        let entry = table.lookup(&a.key.prefix()).expect("still known, as revoked");
+        assert_eq!(entry.state(clock.now_ms()), keygate::keys::KeyState::Revoked);
+        assert_eq!(table.lookup(&b.key.prefix()).expect("b").state(clock.now_ms()), keygate::keys::KeyState::Active);
+        assert_eq!(keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh"), 0, "nothing new");
+    }
+}
+
+both_engines! {
+    async fn expiry_changes_are_picked_up_and_audited(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let k = m.issue_key(&account, "k", &["x:y".into()], None, &Actor::cli()).await.expect("k");
+        let table = KeyTable::new();
+        keygate::sync::load(&m.store, &table, &Clock::System).await.expect("load");
+        let at = m.now_ms() + 7 * 86_400_000;
+        let updated = m.set_expiry(&k.record, Some(at), &Actor::cli()).await.expect("expire");
+        assert_eq!(updated.expires_at, Some(at));
+        keygate::sync::refresh(&m.store, &table, &Clock::System).await.expect("refresh");
+        assert_eq!(table.lookup(&k.key.prefix()).expect("entry").expires_at, Some(at));
+        let audit = m.store.audit(10).await.expect("audit");
+        assert_eq!(audit[0].action, "user.updated");
+        assert!(audit[0].detail.contains("key.expiry_changed"));
+        assert_eq!(audit[0].key_prefix.as_deref(), Some(k.key.prefix().as_str()));
+        assert_eq!(audit[0].scopes.as_deref(), Some("x:y"));
+    }
+}
+
+both_engines! {
+    async fn last_used_never_moves_backwards(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let k = m.issue_key(&account, "k", &["x:y".into()], None, &Actor::cli()).await.expect("k");
+        let id = k.record.id;
+        m.store.stamp_last_used(&[(id, 2_000)], &[]).await.expect("stamp");
+        // Another sidecar with an older observation flushes later.
+        m.store.stamp_last_used(&[(id, 1_000)], &[]).await.expect("stamp");
+        assert_eq!(m.store.key(id).await.expect("key").expect("row").last_used_at, Some(2_000));
+        m.store.stamp_last_used(&[(id, 3_000)], &[]).await.expect("stamp");
+        assert_eq!(m.store.key(id).await.expect("key").expect("row").last_used_at, Some(3_000));
+        // A stamp is not a change that matters to authentication: no refresh churn.
+        let table = KeyTable::new();
+        keygate::sync::load(&m.store, &table, &Clock::System).await.expect("load");
+        let watermark = table.watermark();
+        m.store.stamp_last_used(&[(id, 4_000)], &[]).await.expect("stamp");
+        assert!(m.store.table_rows(watermark).await.expect("rows").is_empty());
+    }
+}
+
+both_engines! {
+    async fn one_flush_stamps_many_keys_in_one_statement(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(m.issue_key(&account, &format!("k{i}"), &["x:y".into()], None, &Actor::cli()).await.expect("k").record.id);
+        }
+        let stamps: Vec<(i64, i64)> = ids.iter().map(|id| (*id, 10_000 + id)).collect();
+        m.store.stamp_last_used(&stamps, &[]).await.expect("stamp");
+        for key in m.store.keys(None).await.expect("keys") {
+            assert_eq!(key.last_used_at, Some(10_000 + key.id));
+        }
+    }
+}
+
+both_engines! {
+    async fn the_audit_log_holds_prefixes_and_scopes_never_keys(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let k = m.issue_key(&account, "k", &["a:read".into()], None, &Actor::cli()).await.expect("k");
+        m.revoke_key(&k.record, &Actor::cli()).await.expect("revoke");
+        let audit = m.store.audit(10).await.expect("audit");
+        let dump = serde_json::to_string(&audit).expect("json");
+        assert!(!dump.contains(k.key.expose()) && !dump.contains(&k.key.expose()[9..]));
+        let key_entries: Vec<_> = audit.iter().filter(|a| a.key_prefix.is_some()).collect();
+        assert_eq!(key_entries.len(), 2);
+        for a in key_entries {
+            assert_eq!(a.key_prefix.as_deref(), Some(&k.key.expose()[..8]));
+            assert_eq!(a.scopes.as_deref(), Some("a:read"));
+            assert_eq!(a.actor_type, "cli");
+        }
+        assert!(audit[0].detail.contains("key.revoked"));
+    }
+}
+
+both_engines! {
+    async fn gateway_keys_load_into_the_table_by_their_own_marker(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let key = keygate::keys::generate(KeyKind::Gateway);
+        let sql = "INSERT INTO gateways (name, prefix, api_key_hash, scopes, created_at, created_by, paired_at)
+                   VALUES ($1, $2, $3, $4, 1, 'test', 1)";
+        let hash = keygate::keys::hash_key(&keygate::keys::hasher(CHEAP).expect("params"), key.expose());
+        match &m.store {
+            Store::Sqlite(p) => { sqlx::query(sql).bind("gw-1").bind(key.prefix().as_str()).bind(&hash).bind("alerts:write").execute(p).await.expect("insert"); }
+            Store::Postgres(p) => { sqlx::query(sql).bind("gw-1").bind(key.prefix().as_str()).bind(&hash).bind("alerts:write").execute(p).await.expect("insert"); }
+        }
+        let table = KeyTable::new();
+        keygate::sync::load(&m.store, &table, &Clock::System).await.expect("load");
+        let entry = table.lookup(&key.prefix()).expect("gateway key loaded");
+        assert_eq!(entry.id.kind, KeyKind::Gateway);
+        assert_eq!(entry.owner.name(), "gw-1");
+        assert_eq!(table.count_by_kind(), (0, 1));
+    }
+}
