@@ -38,6 +38,8 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run on after a stop signal.
     pub shutdown_grace: Duration,
+    /// Proxy worker threads, each running its own event loop and upstream pool.
+    pub workers: usize,
 }
 
 #[derive(Clone, Debug)]

@@ -43,6 +43,7 @@ struct RawProxy {
     idle_timeout: String,
     header_read_timeout: String,
     shutdown_grace: String,
+    workers: usize,
 }
 
 impl Default for RawProxy {
@@ -53,6 +54,7 @@ impl Default for RawProxy {
             idle_timeout: "60s".into(),
             header_read_timeout: "10s".into(),
             shutdown_grace: "30s".into(),
+            workers: 0,
         }
     }
 }
@@ -223,6 +225,13 @@ impl RawConfig {
             idle_timeout: duration("proxy.idle_timeout", &p.idle_timeout, MS)?,
             header_read_timeout: duration("proxy.header_read_timeout", &p.header_read_timeout, MS)?,
             shutdown_grace: duration("proxy.shutdown_grace", &p.shutdown_grace, Duration::ZERO)?,
+            workers: if p.workers == 0 {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            } else {
+                p.workers
+            },
         };
         let admin = AdminConfig {
             listen: socket_addr("admin.listen", &self.admin.listen)?,

@@ -41,7 +41,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::{KeyTable, Verifier};
 use crate::usage::Usage;
-use upstream::UpstreamClient;
+use upstream::{Dedicated, UpstreamClient};
 
 /// Everything the request path reads.
 pub struct ProxyState {
@@ -50,7 +50,9 @@ pub struct ProxyState {
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
     pub clock: Clock,
-    client: UpstreamClient,
+    upstream_timeout: Duration,
+    /// Proxy worker threads, each with its own runtime and upstream pool.
+    workers: usize,
     idle_timeout: Duration,
     header_read_timeout: Duration,
     access_log: bool,
@@ -70,7 +72,8 @@ impl ProxyState {
             verifier,
             usage,
             clock,
-            client: UpstreamClient::new(config.proxy.upstream_timeout),
+            upstream_timeout: config.proxy.upstream_timeout,
+            workers: config.proxy.workers,
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
             access_log: config.log.access_log,
@@ -86,18 +89,72 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    serve_with(listener, state, shutdown, grace, Mode::Authenticate).await
+}
 
+/// Bench-only: the same server and forwarding code with the authentication step removed, the
+/// baseline keygate's auth overhead is measured against. Never part of a shipped build.
+#[cfg(feature = "bench-passthrough")]
+pub async fn serve_passthrough(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    serve_with(listener, state, shutdown, grace, Mode::PassThrough).await
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Authenticate,
+    #[cfg(feature = "bench-passthrough")]
+    PassThrough,
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+    mode: Mode,
+) {
+    // One current-thread runtime per worker, each with its own upstream pool: a request, its
+    // upstream connection and their wake-ups stay on one thread (no work stealing, no
+    // cross-thread wake-ups). This acceptor hands connections out round-robin, which balances
+    // better than SO_REUSEPORT hashing with few long-lived client connections.
+    let mut workers = Vec::with_capacity(state.workers);
+    let mut finished = Vec::with_capacity(state.workers);
+    for i in 0..state.workers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("keygate-proxy-{i}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker(rx, state, shutdown, grace, mode)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a proxy worker runtime"),
+                }
+                let _ = done_tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                workers.push(tx);
+                finished.push(done_rx);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start a proxy worker thread"),
+        }
+    }
+    if workers.is_empty() {
+        tracing::error!("no proxy worker could start; the proxy is not serving");
+        shutdown.cancelled().await;
+        return;
+    }
+
+    let mut next = 0usize;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -112,25 +169,87 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let builder = builder.clone();
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        // A worker only goes away at shutdown; if it did, the connection is simply closed.
+        let _ = workers[next % workers.len()].send((stream, peer));
+        next = next.wrapping_add(1);
+    }
+    drop(listener);
+    drop(workers);
+    for done in finished {
+        let _ = done.await;
+    }
+}
+
+/// One proxy worker: serves the connections handed to it on its own runtime until shutdown,
+/// then lets in-flight requests finish for up to `grace`.
+async fn worker(
+    mut connections: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    state: Arc<ProxyState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+    mode: Mode,
+) {
+    let client = Arc::new(UpstreamClient::new(state.upstream_timeout));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            next = connections.recv() => match next {
+                Some(conn) => conn,
+                None => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+            continue;
+        };
+        let (state, client, builder) = (state.clone(), client.clone(), builder.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let own = Arc::new(Dedicated::default());
+            let service_own = own.clone();
             let service = service_fn(move |req| {
-                let state = state.clone();
+                let (state, client, own) = (state.clone(), client.clone(), service_own.clone());
                 async move {
-                    Ok::<_, std::convert::Infallible>(pipeline::handle(&state, peer, req).await)
+                    let response = match mode {
+                        Mode::Authenticate => {
+                            pipeline::handle(&state, &client, &own, peer, req).await
+                        }
+                        #[cfg(feature = "bench-passthrough")]
+                        Mode::PassThrough => {
+                            pipeline::passthrough(&state, &client, &own, peer, req).await
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            // The client connection and its own upstream connection are polled by this one task.
+            tokio::select! {
+                result = watcher.watch(conn) => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                }
+                () = own.drive() => {}
             }
         });
     }
-    drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

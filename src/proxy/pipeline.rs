@@ -18,6 +18,7 @@ use super::headers::{
 };
 use super::path::canonical_path;
 use super::route::Route;
+use super::upstream::{Dedicated, UpstreamClient};
 use super::ProxyState;
 use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
 
@@ -39,6 +40,8 @@ struct Grant<'s> {
 /// Runs one request through the pipeline. Never fails: every error is a response.
 pub(super) async fn handle(
     state: &ProxyState,
+    client: &UpstreamClient,
+    own: &Dedicated,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -52,7 +55,7 @@ pub(super) async fn handle(
     let (mut response, outcome, reason) = match authorised {
         Ok(grant) => {
             let upstream_started = Instant::now();
-            let result = forward(state, grant, peer, req, &request_id).await;
+            let result = forward(state, client, own, grant, peer, req, &request_id).await;
             let upstream_ms = upstream_started.elapsed().as_millis() as u64;
             match result {
                 Ok(response) => {
@@ -95,6 +98,57 @@ pub(super) async fn handle(
     );
     response.headers_mut().insert(&X_REQUEST_ID, request_id);
     response
+}
+
+/// Bench-only: route and forward with a fixed identity, skipping steps 3–6.
+#[cfg(feature = "bench-passthrough")]
+pub(super) async fn passthrough(
+    state: &ProxyState,
+    client: &UpstreamClient,
+    own: &Dedicated,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    static ENTRY: OnceLock<Arc<KeyEntry>> = OnceLock::new();
+    let entry = ENTRY.get_or_init(|| {
+        let row = keys::KeyRow {
+            id: keys::KeyId {
+                kind: keys::KeyKind::ServiceAccount,
+                id: 0,
+            },
+            prefix: Some("kgsBENCH".into()),
+            key_hash: Some("-".into()),
+            scopes: "bench".into(),
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            updated_at: 0,
+            owner_id: 0,
+            owner_name: "bench".into(),
+        };
+        Arc::new(KeyEntry::from_row(row).expect("a valid bench entry"))
+    });
+    let request_id = request_id(&req);
+    let Some(route) = state.router.find(req.method(), req.uri().path()) else {
+        return Rejection::NoRoute.into_response();
+    };
+    let source = if req.headers().contains_key(http::header::AUTHORIZATION) {
+        KeySource::Authorization
+    } else {
+        KeySource::XApiKey
+    };
+    let grant = Grant {
+        route,
+        entry: entry.clone(),
+        source,
+    };
+    match forward(state, client, own, grant, peer, req, &request_id).await {
+        Ok(mut response) => {
+            response.headers_mut().insert(&X_REQUEST_ID, request_id);
+            response
+        }
+        Err(rejection) => rejection.into_response(),
+    }
 }
 
 /// Steps 1–6: everything that decides whether the request may pass.
@@ -167,6 +221,8 @@ async fn authorize<'s>(
 /// Steps 7–9 for an authorised request.
 async fn forward(
     state: &ProxyState,
+    client: &UpstreamClient,
+    own: &Dedicated,
     grant: Grant<'_>,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -204,11 +260,18 @@ async fn forward(
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
     parts.uri = Uri::from_parts(uri).map_err(|_| Rejection::BadRequest("bad_request_target"))?;
+    // An HTTP/1 client connection sends one request at a time: it gets an upstream connection
+    // of its own. HTTP/2 multiplexes, so its requests share the worker's pool.
+    let dedicated = parts.version != Version::HTTP_2 && upstream.scheme == http::uri::Scheme::HTTP;
     parts.version = Version::HTTP_11;
 
     state.usage.record(&grant.entry, state.clock.now_ms());
     let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
-    let response = state.client.send(request).await?;
+    let response = if dedicated {
+        client.send_dedicated(own, request).await?
+    } else {
+        client.send_pooled(request).await?
+    };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(

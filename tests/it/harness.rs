@@ -141,6 +141,8 @@ pub struct Recorded {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Recorded>>>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -151,12 +153,15 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let received: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let log = received.clone();
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let log = log.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
@@ -172,6 +177,7 @@ impl Upstream {
         Upstream {
             addr,
             received,
+            connections,
             task,
         }
     }
@@ -184,6 +190,10 @@ impl Upstream {
         self.requests()
             .pop()
             .expect("the upstream received a request")
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {
@@ -229,6 +239,12 @@ async fn upstream_answer(
     if path.ends_with("/download") {
         let n = query_number(&parts.uri, "bytes");
         return Response::new(ZeroBody::new(n).boxed());
+    }
+    if path.ends_with("/close") {
+        return Response::builder()
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"closing")).boxed())
+            .expect("response");
     }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_millis(query_number(&parts.uri, "ms"))).await;
@@ -546,4 +562,32 @@ pub async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Dur
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     started.elapsed()
+}
+
+/// One HTTP/1.1 connection to `addr`, for tests that care which connection requests travel on.
+pub async fn one_connection(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<BoxBody<Bytes, Infallible>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// Sends `req` on a connection from `one_connection` and reads the whole response.
+pub async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<BoxBody<Bytes, Infallible>>,
+    req: Request<BoxBody<Bytes, Infallible>>,
+) -> TestResponse {
+    sender.ready().await.expect("connection ready");
+    let response = sender.send_request(req).await.expect("response");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("response body").to_bytes();
+    TestResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }

@@ -387,3 +387,60 @@ fn forge(prefix: &str, secret: &str) -> String {
     }
     format!("{body}{}", std::str::from_utf8(&sum).expect("ascii"))
 }
+
+both_engines! {
+    async fn a_client_connection_keeps_one_upstream_connection_for_its_requests(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let account = app.create_account("billing").await;
+        let issued = app.create_key(&account, "primary", &["recordings:read"]).await;
+        // One client connection, many sequential requests.
+        let mut conn = one_connection(app.proxy_addr).await;
+        for _ in 0..25 {
+            let req = Request::get("/recordings/1")
+                .header("host", "keygate.test")
+                .header("x-api-key", issued.key.expose())
+                .body(empty())
+                .expect("request");
+            assert_eq!(send_on(&mut conn, req).await.status, 200);
+        }
+        assert_eq!(app.upstream.count(), 25);
+        assert_eq!(app.upstream.connections(), 1, "requests on one client connection reuse one upstream connection");
+    }
+}
+
+both_engines! {
+    async fn an_upstream_that_closes_its_connections_is_reconnected_transparently(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let account = app.create_account("billing").await;
+        let issued = app.create_key(&account, "primary", &["recordings:read"]).await;
+        for i in 0..10 {
+            let r = app.get("/recordings/close", Some(issued.key.expose())).await;
+            assert_eq!(r.status, 200, "request {i}");
+            assert_eq!(r.text(), "closing");
+            // Interleave ordinary requests on the same client connection.
+            assert_eq!(app.get("/recordings/1", Some(issued.key.expose())).await.status, 200, "request {i}");
+        }
+        assert_eq!(app.upstream.count(), 20);
+        assert!(app.upstream.connections() >= 10, "each `Connection: close` forces a new upstream connection");
+    }
+}
+
+both_engines! {
+    async fn one_client_connection_can_alternate_between_upstreams(engine: Engine) {
+        let other = Upstream::start().await;
+        let extra = format!(
+            "[[routes]]\nname = \"alerts\"\npath_prefix = \"/alerts\"\nupstream = \"http://{}\"\nscope = \"recordings:read\"\n",
+            other.addr
+        );
+        let app = spawn_app_with(engine, AppOptions { extra_toml: extra, ..Default::default() }).await;
+        let account = app.create_account("billing").await;
+        let issued = app.create_key(&account, "primary", &["recordings:read"]).await;
+        for _ in 0..5 {
+            assert_eq!(app.get("/recordings/1", Some(issued.key.expose())).await.status, 200);
+            assert_eq!(app.get("/alerts/1", Some(issued.key.expose())).await.status, 200);
+        }
+        assert_eq!(app.upstream.count(), 5);
+        assert_eq!(other.count(), 5);
+        assert_eq!(other.last().uri, "/alerts/1");
+    }
+}
