@@ -38,6 +38,9 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run on after a stop signal.
     pub shutdown_grace: Duration,
+    /// After a stop signal, how long to keep serving while `/readyz` already says not-ready, so
+    /// load balancers (Kubernetes endpoints) stop sending before the listener closes.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +53,11 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     pub refresh_interval: Duration,
     pub max_connections: u32,
+    /// Past this table age while the database is away, fail closed (proxy and `/readyz` answer
+    /// 503); `None` serves the last table for as long as it takes.
+    pub max_staleness: Option<Duration>,
+    /// How often this sidecar records its heartbeat row.
+    pub heartbeat_interval: Duration,
 }
 
 #[derive(Clone, Debug)]

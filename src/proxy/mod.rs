@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -38,14 +39,15 @@ pub use path::{canonical_path, PathError};
 pub use route::{Route, Router};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::keys::{KeyTable, Verifier};
 use crate::usage::Usage;
 use upstream::UpstreamClient;
 
 /// Everything the request path reads.
 pub struct ProxyState {
-    pub router: Router,
+    /// Swapped whole on SIGHUP; a request loads it once without taking a lock.
+    pub router: ArcSwap<Router>,
     pub table: Arc<KeyTable>,
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
@@ -54,6 +56,8 @@ pub struct ProxyState {
     idle_timeout: Duration,
     header_read_timeout: Duration,
     access_log: bool,
+    /// `database.max_staleness` in ms: past this table age requests fail closed with 503.
+    max_staleness_ms: Option<i64>,
 }
 
 impl ProxyState {
@@ -65,7 +69,7 @@ impl ProxyState {
         clock: Clock,
     ) -> Self {
         ProxyState {
-            router: Router::new(&config.routes),
+            router: ArcSwap::from_pointee(Router::new(&config.routes)),
             table,
             verifier,
             usage,
@@ -74,7 +78,13 @@ impl ProxyState {
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
             access_log: config.log.access_log,
+            max_staleness_ms: config.database.max_staleness.map(|d| d.as_millis() as i64),
         }
+    }
+
+    /// Replaces the routes; requests already routed keep the table they started with.
+    pub fn replace_routes(&self, routes: &[RouteConfig]) {
+        self.router.store(Arc::new(Router::new(routes)));
     }
 }
 
