@@ -94,14 +94,15 @@ pub async fn run(
 ) {
     // A change applied wakes the loop, but beats stay at least this far apart.
     let min_gap = (interval / 10).max(Duration::from_millis(50));
-    let mut reported_watermark = None;
+    // What the last beat told: the watermark, and whether the table was loaded then.
+    let mut reported = None;
     let mut next_beat = Instant::now();
     let mut failing = false;
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next_beat) => {}
             () = status.applied.notified() => {
-                if reported_watermark == Some(table.watermark()) {
+                if reported == Some((table.watermark(), table.synced_at().is_some())) {
                     continue;
                 }
                 tokio::select! {
@@ -113,6 +114,7 @@ pub async fn run(
         }
         let now = clock.now_ms();
         let watermark = table.watermark();
+        let synced_at = table.synced_at();
         let beat = Heartbeat {
             id: identity.id.clone(),
             host: identity.host.clone(),
@@ -120,12 +122,12 @@ pub async fn run(
             started_at: identity.started_at,
             seen_at: now,
             watermark,
-            table_age_ms: table.synced_at().map(|at| (now - at).max(0)),
+            table_age_ms: synced_at.map(|at| (now - at).max(0)),
             keys: table.len() as i64,
         };
         match store.record_heartbeat(&beat).await {
             Ok(()) => {
-                reported_watermark = Some(watermark);
+                reported = Some((watermark, synced_at.is_some()));
                 if failing {
                     tracing::info!("heartbeat recorded again");
                     failing = false;

@@ -113,6 +113,7 @@ pub async fn run(
                 status.database_ok.store(true, Ordering::Relaxed);
                 status.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(keys = n, "key table loaded");
+                status.applied.notify_one();
                 break;
             }
             Err(e) => {
