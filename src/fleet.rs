@@ -17,6 +17,10 @@ use crate::sync::SyncStatus;
 /// A sidecar missing this many heartbeats in a row no longer counts as live.
 const LIVE_BEATS: u32 = 3;
 
+/// Rows of sidecars silent this long are deleted (checked every `PRUNE_EVERY` beats).
+const FORGET_AFTER_MS: i64 = 24 * 60 * 60 * 1000;
+const PRUNE_EVERY: u32 = 100;
+
 /// Who this sidecar is, fixed for the life of the process.
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -98,6 +102,7 @@ pub async fn run(
     let mut reported = None;
     let mut next_beat = Instant::now();
     let mut failing = false;
+    let mut beats = 0u32;
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next_beat) => {}
@@ -128,6 +133,14 @@ pub async fn run(
         match store.record_heartbeat(&beat).await {
             Ok(()) => {
                 reported = Some((watermark, synced_at.is_some()));
+                beats = beats.wrapping_add(1);
+                if beats % PRUNE_EVERY == 1 {
+                    match store.prune_heartbeats(now - FORGET_AFTER_MS).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(sidecars = n, "forgot sidecars silent for a day"),
+                        Err(e) => tracing::debug!(error = %e, "pruning old heartbeats failed"),
+                    }
+                }
                 if failing {
                     tracing::info!("heartbeat recorded again");
                     failing = false;

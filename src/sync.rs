@@ -20,9 +20,13 @@ use crate::store::{Store, StoreError};
 /// How far back each refresh re-reads, for transactions that commit after a later one.
 const OVERLAP_MS: i64 = 5_000;
 
+/// Longest a load or refresh may take. A connection to a database host that vanished without
+/// closing it could otherwise hang the sync loop until TCP gives up (minutes).
+const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(15);
+
 /// What the sync task has seen, as atomics for readiness, heartbeats and metrics. The table's
 /// own `synced_at` gives its age.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SyncStatus {
     notifications: AtomicU64,
     /// Commit → applied for the newest notified change, in ms (-1 before the first one).
@@ -34,12 +38,22 @@ pub struct SyncStatus {
     pub(crate) applied: Notify,
 }
 
+impl Default for SyncStatus {
+    fn default() -> Self {
+        SyncStatus {
+            notifications: AtomicU64::new(0),
+            last_lag_ms: AtomicI64::new(-1),
+            database_ok: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            reloads: AtomicU64::new(0),
+            applied: Notify::new(),
+        }
+    }
+}
+
 impl SyncStatus {
     pub fn new() -> SyncStatus {
-        SyncStatus {
-            last_lag_ms: AtomicI64::new(-1),
-            ..SyncStatus::default()
-        }
+        SyncStatus::default()
     }
 
     /// Change notifications received from PostgreSQL.
@@ -70,7 +84,7 @@ impl SyncStatus {
 
 /// Loads every key into `table`.
 pub async fn load(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usize, StoreError> {
-    let rows = store.table_rows(i64::MIN).await?;
+    let rows = limited(store.table_rows(i64::MIN)).await?;
     let n = rows.len();
     table.replace_all(rows);
     table.mark_synced(clock.now_ms());
@@ -79,9 +93,7 @@ pub async fn load(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usiz
 
 /// Applies what changed since the last refresh; returns how many entries changed.
 pub async fn refresh(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usize, StoreError> {
-    let rows = store
-        .table_rows(table.watermark().saturating_sub(OVERLAP_MS))
-        .await?;
+    let rows = limited(store.table_rows(table.watermark().saturating_sub(OVERLAP_MS))).await?;
     let changed = table.apply(rows);
     table.mark_synced(clock.now_ms());
     Ok(changed)
@@ -173,6 +185,15 @@ pub async fn run(
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Runs a store call within `ROUND_TRIP_LIMIT`.
+async fn limited<T>(
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(ROUND_TRIP_LIMIT, call)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)))
 }
 
 /// Logs the first failure and the recovery, not every attempt in between.

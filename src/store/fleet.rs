@@ -60,6 +60,17 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets sidecars not seen since `before` (crashed ones never remove their own row).
+    pub async fn prune_heartbeats(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query(
+            "DELETE FROM sidecars WHERE seen_at < $1"
+        )
+        .bind(before)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?)
+    }
+
     /// Heartbeats seen at or after `since` (Unix ms), newest first.
     pub async fn heartbeats(&self, since: i64) -> Result<Vec<Heartbeat>, StoreError> {
         let sql = "SELECT id, host, version, started_at, seen_at, watermark, table_age_ms, keys
