@@ -193,7 +193,14 @@ async fn limited<T>(
 ) -> Result<T, StoreError> {
     tokio::time::timeout(ROUND_TRIP_LIMIT, call)
         .await
-        .unwrap_or_else(|_| Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)))
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {}s", ROUND_TRIP_LIMIT.as_secs()),
+                ),
+            )))
+        })
 }
 
 /// Logs the first failure and the recovery, not every attempt in between.

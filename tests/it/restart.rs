@@ -44,8 +44,17 @@ impl Served {
             config: path,
             _dir: dir,
         };
+        let mut served = served;
         let started = Instant::now();
         while served.readyz().await != Some(200) {
+            if served.child.try_wait().expect("wait").is_some() {
+                let mut err = String::new();
+                if let Some(mut e) = served.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("keygate serve exited: {err}");
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "keygate serve did not become ready"
