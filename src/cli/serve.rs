@@ -20,11 +20,17 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), CliError> 
     loop {
         match signals.next().await {
             Signal::Stop => break,
-            Signal::Reload => {
-                if let Err(e) = keygate.reload_file(path.as_deref()) {
-                    tracing::error!("{e}; the running configuration stays in force");
+            Signal::Reload => match path.as_deref() {
+                // Reloading "no file" would mean the defaults: no routes at all.
+                None => tracing::warn!(
+                    "SIGHUP ignored: keygate was started without a configuration file"
+                ),
+                Some(path) => {
+                    if let Err(e) = keygate.reload_file(Some(path)) {
+                        tracing::error!("{e}; the running configuration stays in force");
+                    }
                 }
-            }
+            },
         }
     }
     tracing::info!(
