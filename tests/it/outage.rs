@@ -279,3 +279,52 @@ async fn keygate_starts_without_its_database_and_answers_503_until_the_first_loa
     assert_eq!(cut.status(&key).await, 200);
     cut.keygate.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_announced_while_the_listener_was_cut_is_applied_on_reconnect() {
+    // The backstop refresh is far away: only the reload on reconnect can catch this revoke.
+    let cut = Cut::start(
+        AppOptions {
+            refresh_interval: "60s",
+            ..AppOptions::default()
+        },
+        true,
+    )
+    .await;
+    assert!(cut.keygate.ready(Duration::from_secs(10)).await);
+    let key = cut.issue("missed").await;
+    cut.wait_known(&key).await;
+    assert_eq!(cut.status(&key).await, 200);
+    let sync = cut.keygate.sync.clone();
+    wait_until(Duration::from_secs(5), || sync.listening()).await;
+
+    cut.relay.sever();
+    wait_until(Duration::from_secs(5), || !sync.listening()).await;
+    // PostgreSQL announces this to nobody: the listener is away.
+    cut.manager
+        .revoke_key(&key.record, &Actor::cli())
+        .await
+        .expect("revoke");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reloads = sync.reloads();
+
+    cut.relay.restore();
+    let restored = Instant::now();
+    while cut.status(&key).await != 401 {
+        assert!(
+            restored.elapsed() < Duration::from_secs(15),
+            "the missed revoke was not caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "missed notification caught up {:?} after the database returned",
+        restored.elapsed()
+    );
+    assert!(
+        sync.reloads() > reloads,
+        "caught up by a whole-table reload"
+    );
+    assert!(sync.listening());
+    cut.keygate.shutdown().await;
+}
