@@ -1,6 +1,7 @@
 //! The data plane. A request goes through one pipeline, top to bottom (see `pipeline.rs`):
 //!
-//! 1. framing and path checks (400 for anything ambiguous),
+//! 1. readiness (503 until the key table is loaded, or once it is older than
+//!    `database.max_staleness`), framing and path checks (400 for anything ambiguous),
 //! 2. route match (404 when none),
 //! 3. key extraction and shape check (401 missing/malformed),
 //! 4. table lookup, revocation and expiry from the live table (401 unknown/revoked/expired),
