@@ -10,9 +10,10 @@
 //! cli        command-line front end (serve, migrate, config, account, key)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
-//! admin      control-plane listener: health and readiness
+//! admin      control-plane listener: health, readiness, the fleet list
 //! manage     control-plane operations shared by the CLI and the admin API (issue, revoke)
-//! sync       keeps the in-memory key table in step with the database
+//! sync       keeps the in-memory key table in step with the database (NOTIFY + refresh)
+//! fleet      sidecar heartbeats: who runs, and how current each key table is
 //! usage      last-used stamping, batched off the request path
 //! store      the only module that talks to a database (SQLite or PostgreSQL)
 //! keys       pure: key format, hashing, the key table, verification with its cache
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod fleet;
 pub mod keys;
 pub mod manage;
 pub mod proxy;

@@ -1,9 +1,11 @@
-//! Starting and stopping one keygate instance: connect and migrate the store, start the table
-//! sync, the usage writer, and both listeners; on stop, stop accepting, drain in-flight
-//! requests within the grace period, then flush last-used stamps. Listeners are bound by the
-//! caller, so tests bind port 0 and two instances can share a process.
+//! Starting and stopping one keygate instance: open the store (lazily: the database may be
+//! away at start), start the table sync, the usage writer, the heartbeat and both listeners; on
+//! stop, fail readiness, stop accepting, drain in-flight requests within the grace period, then
+//! flush last-used stamps. Listeners are bound by the caller, so tests bind port 0 and two
+//! instances can share a process. `reload` applies a re-read configuration (SIGHUP).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::fleet::{self, Identity};
 use crate::keys::{KeyTable, Verifier};
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
-use crate::sync;
+use crate::sync::{self, SyncStatus};
 use crate::usage::Usage;
 
 /// A running instance.
@@ -27,6 +30,12 @@ pub struct Keygate {
     pub table: Arc<KeyTable>,
     pub store: Store,
     pub proxy: Arc<ProxyState>,
+    pub sync: Arc<SyncStatus>,
+    pub identity: Identity,
+    /// Cancelled at a stop signal: readiness fails from then on.
+    stopping: CancellationToken,
+    /// How long to keep serving after a stop signal before closing the listeners.
+    shutdown_delay: Duration,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -45,6 +54,13 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a reload was refused; the running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("configuration not reloaded: {0}")]
+    Config(#[from] ConfigError),
 }
 
 /// Binds the proxy and admin listeners from the configuration.
@@ -66,15 +82,20 @@ pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), StartEr
     Ok((proxy, admin))
 }
 
-/// Connects to the database, applies migrations and starts serving on the given listeners.
+/// Starts serving on the given listeners. The database need not be reachable yet: the sync
+/// task migrates and loads as soon as it is, and until then the proxy answers 503 and `/readyz`
+/// says "loading".
 pub async fn start(
     config: &Config,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
     clock: Clock,
 ) -> Result<Keygate, StartError> {
-    let store = Store::connect(&config.database.url, config.database.max_connections).await?;
-    store.migrate().await?;
+    // One more than asked for: the change listener holds a connection of its own.
+    let store = Store::connect_lazy(&config.database.url, config.database.max_connections + 1)?;
+    let sync_status = Arc::new(SyncStatus::new());
+    let identity = Identity::new(clock.now_ms());
+    let stopping = CancellationToken::new();
 
     let table = Arc::new(KeyTable::new());
     let verifier = Arc::new(Verifier::new(&config.verification));
@@ -89,6 +110,12 @@ pub async fn start(
     let admin_state = Arc::new(AdminState {
         table: table.clone(),
         clock: clock.clone(),
+        store: store.clone(),
+        sync: sync_status.clone(),
+        identity: identity.clone(),
+        heartbeat_interval: config.database.heartbeat_interval,
+        max_staleness: config.database.max_staleness,
+        stopping: stopping.clone(),
     });
 
     let stop_accepting = CancellationToken::new();
@@ -100,6 +127,7 @@ pub async fn start(
         tokio::spawn(sync::run(
             store.clone(),
             table.clone(),
+            sync_status.clone(),
             clock.clone(),
             config.database.refresh_interval,
             stop_background.clone(),
@@ -107,6 +135,15 @@ pub async fn start(
         tokio::spawn(usage.run(
             store.clone(),
             config.last_used.flush_interval,
+            stop_background.clone(),
+        )),
+        tokio::spawn(fleet::run(
+            store.clone(),
+            identity.clone(),
+            table.clone(),
+            sync_status.clone(),
+            clock.clone(),
+            config.database.heartbeat_interval,
             stop_background.clone(),
         )),
     ];
@@ -129,6 +166,7 @@ pub async fn start(
         database = %config.database.url,
         engine = store.engine(),
         routes = config.routes.len(),
+        sidecar = %identity.id,
         "keygate started"
     );
     Ok(Keygate {
@@ -137,6 +175,10 @@ pub async fn start(
         table,
         store,
         proxy: proxy_state,
+        sync: sync_status,
+        identity,
+        stopping,
+        shutdown_delay: config.proxy.shutdown_delay,
         stop_accepting,
         stop_background,
         listeners,
@@ -157,9 +199,38 @@ impl Keygate {
         true
     }
 
-    /// Graceful stop: stop accepting, drain requests (bounded by `proxy.shutdown_grace`), then
-    /// flush last-used stamps and close the pool.
+    /// Applies a new configuration without dropping connections: today the routes (requests
+    /// already routed finish on the old ones). Settings that need a restart are left as they
+    /// are. The hook for everything SIGHUP reloads (TLS certificates join here).
+    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        self.proxy.replace_routes(&config.routes);
+        tracing::info!(
+            routes = config.routes.len(),
+            "configuration reloaded (routes); other settings apply at the next restart"
+        );
+        Ok(())
+    }
+
+    /// Re-reads and validates the configuration file, then `reload`s it. A bad file changes
+    /// nothing.
+    pub fn reload_file(&self, path: Option<&Path>) -> Result<(), ReloadError> {
+        let config = Config::load(path, std::env::vars())?;
+        self.reload(&config)
+    }
+
+    /// Graceful stop: fail readiness and keep serving for `proxy.shutdown_delay` (so load
+    /// balancers stop sending), stop accepting, drain requests (bounded by
+    /// `proxy.shutdown_grace`), then flush last-used stamps, remove the heartbeat and close the
+    /// pool.
     pub async fn shutdown(self) {
+        self.stopping.cancel();
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_ms = self.shutdown_delay.as_millis() as u64,
+                "stop signal received: not ready; still serving"
+            );
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
         self.stop_accepting.cancel();
         for task in self.listeners {
             let _ = task.await;

@@ -108,7 +108,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve => {
             crate::telemetry::init(config.log.format, &config.log.filter);
-            serve::run(config).await
+            serve::run(config, cli.config.clone()).await
         }
         Command::Migrate => {
             let store = connect(&config).await?;

@@ -40,6 +40,9 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Proxy worker threads, each running its own event loop and upstream pool.
     pub workers: usize,
+    /// After a stop signal, how long to keep serving while `/readyz` already says not-ready, so
+    /// load balancers (Kubernetes endpoints) stop sending before the listener closes.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +55,11 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     pub refresh_interval: Duration,
     pub max_connections: u32,
+    /// Past this table age while the database is away, fail closed (proxy and `/readyz` answer
+    /// 503); `None` serves the last table for as long as it takes.
+    pub max_staleness: Option<Duration>,
+    /// How often this sidecar records its heartbeat row.
+    pub heartbeat_interval: Duration,
 }
 
 #[derive(Clone, Debug)]

@@ -44,6 +44,7 @@ struct RawProxy {
     header_read_timeout: String,
     shutdown_grace: String,
     workers: usize,
+    shutdown_delay: String,
 }
 
 impl Default for RawProxy {
@@ -55,6 +56,7 @@ impl Default for RawProxy {
             header_read_timeout: "10s".into(),
             shutdown_grace: "30s".into(),
             workers: 0,
+            shutdown_delay: "0s".into(),
         }
     }
 }
@@ -79,6 +81,8 @@ struct RawDatabase {
     url: String,
     refresh_interval: String,
     max_connections: u32,
+    max_staleness: String,
+    heartbeat_interval: String,
 }
 
 impl Default for RawDatabase {
@@ -87,6 +91,8 @@ impl Default for RawDatabase {
             url: "sqlite://keygate.db".into(),
             refresh_interval: "2s".into(),
             max_connections: 8,
+            max_staleness: "none".into(),
+            heartbeat_interval: "5s".into(),
         }
     }
 }
@@ -232,6 +238,7 @@ impl RawConfig {
             } else {
                 p.workers
             },
+            shutdown_delay: duration("proxy.shutdown_delay", &p.shutdown_delay, Duration::ZERO)?,
         };
         let admin = AdminConfig {
             listen: socket_addr("admin.listen", &self.admin.listen)?,
@@ -249,7 +256,25 @@ impl RawConfig {
                 .map_err(|m| ConfigError::new("database.url", m))?,
             refresh_interval: duration("database.refresh_interval", &d.refresh_interval, 50 * MS)?,
             max_connections: d.max_connections,
+            max_staleness: match d.max_staleness.trim() {
+                "none" => None,
+                s => Some(duration("database.max_staleness", s, MS)?),
+            },
+            heartbeat_interval: duration(
+                "database.heartbeat_interval",
+                &d.heartbeat_interval,
+                50 * MS,
+            )?,
         };
+        if database
+            .max_staleness
+            .is_some_and(|m| m <= database.refresh_interval)
+        {
+            return Err(ConfigError::new(
+                "database.max_staleness",
+                "must be longer than database.refresh_interval (or \"none\")",
+            ));
+        }
         if database.max_connections == 0 {
             return Err(ConfigError::new(
                 "database.max_connections",

@@ -103,3 +103,24 @@ fn syntax_errors_give_the_line() {
     let err = parse("[proxy]\nlisten = \n").expect_err("must fail");
     assert!(err.message.contains("line 2"), "{err}");
 }
+
+#[test]
+fn fleet_settings_default_to_serving_the_last_table_forever() {
+    let c = parse("").expect("valid");
+    assert_eq!(c.database.max_staleness, None);
+    assert_eq!(c.database.heartbeat_interval, Duration::from_secs(5));
+    assert_eq!(c.proxy.shutdown_delay, Duration::ZERO);
+    let c = parse("[database]\nmax_staleness = \"5m\"\n[proxy]\nshutdown_delay = \"5s\"\n")
+        .expect("valid");
+    assert_eq!(c.database.max_staleness, Some(Duration::from_secs(300)));
+    assert_eq!(c.proxy.shutdown_delay, Duration::from_secs(5));
+}
+
+#[test]
+fn max_staleness_must_outlast_the_refresh_interval() {
+    let err = parse("[database]\nrefresh_interval = \"2s\"\nmax_staleness = \"1s\"\n")
+        .expect_err("must fail");
+    assert_eq!(err.path, "database.max_staleness");
+    let err = parse("[database]\nmax_staleness = \"soon\"\n").expect_err("must fail");
+    assert_eq!(err.path, "database.max_staleness");
+}

@@ -41,6 +41,8 @@ pub enum Rejection {
     Forbidden(Scope),
     /// The key table has not been loaded yet: retry, do not treat the key as bad.
     NotReady,
+    /// The database has been away longer than `database.max_staleness`: fail closed.
+    Stale,
     /// Too many new keys are being verified at once.
     Busy,
     /// The upstream could not be reached or failed mid-response.
@@ -56,7 +58,9 @@ impl Rejection {
             Rejection::NoRoute => StatusCode::NOT_FOUND,
             Rejection::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Rejection::Forbidden(_) => StatusCode::FORBIDDEN,
-            Rejection::NotReady | Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::NotReady | Rejection::Stale | Rejection::Busy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::BadGateway => StatusCode::BAD_GATEWAY,
             Rejection::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -69,7 +73,7 @@ impl Rejection {
             Rejection::NoRoute => "not_found",
             Rejection::Unauthorized(_) => "unauthorized",
             Rejection::Forbidden(_) => "forbidden",
-            Rejection::NotReady => "not_ready",
+            Rejection::NotReady | Rejection::Stale => "not_ready",
             Rejection::Busy => "busy",
             Rejection::BadGateway | Rejection::GatewayTimeout => "upstream_error",
         }
@@ -83,6 +87,7 @@ impl Rejection {
             Rejection::Forbidden(_) => "insufficient_scope",
             Rejection::NoRoute => "no_route",
             Rejection::NotReady => "table_not_loaded",
+            Rejection::Stale => "table_stale",
             Rejection::Busy => "verification_saturated",
             Rejection::BadGateway => "upstream_unreachable",
             Rejection::GatewayTimeout => "upstream_timeout",
@@ -125,6 +130,10 @@ impl Rejection {
             Rejection::NotReady => {
                 builder = builder.header(RETRY_AFTER, HeaderValue::from_static("1"));
                 Bytes::from_static(br#"{"error":"unavailable","message":"keygate is starting; retry shortly"}"#)
+            }
+            Rejection::Stale => {
+                builder = builder.header(RETRY_AFTER, HeaderValue::from_static("1"));
+                Bytes::from_static(br#"{"error":"unavailable","message":"keygate cannot reach its key store; retry shortly"}"#)
             }
             Rejection::Busy => {
                 builder = builder.header(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -202,6 +211,7 @@ mod tests {
             (Rejection::BadRequest("x"), 400),
             (Rejection::NoRoute, 404),
             (Rejection::NotReady, 503),
+            (Rejection::Stale, 503),
             (Rejection::Busy, 503),
             (Rejection::BadGateway, 502),
             (Rejection::GatewayTimeout, 504),

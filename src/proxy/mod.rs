@@ -1,6 +1,7 @@
 //! The data plane. A request goes through one pipeline, top to bottom (see `pipeline.rs`):
 //!
-//! 1. framing and path checks (400 for anything ambiguous),
+//! 1. readiness (503 until the key table is loaded, or once it is older than
+//!    `database.max_staleness`), framing and path checks (400 for anything ambiguous),
 //! 2. route match (404 when none),
 //! 3. key extraction and shape check (401 missing/malformed),
 //! 4. table lookup, revocation and expiry from the live table (401 unknown/revoked/expired),
@@ -24,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -38,14 +40,15 @@ pub use path::{canonical_path, PathError};
 pub use route::{Route, Router};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::keys::{KeyTable, Verifier};
 use crate::usage::Usage;
 use upstream::{Dedicated, UpstreamClient};
 
 /// Everything the request path reads.
 pub struct ProxyState {
-    pub router: Router,
+    /// Swapped whole on SIGHUP; a request loads it once without taking a lock.
+    pub router: ArcSwap<Router>,
     pub table: Arc<KeyTable>,
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
@@ -56,6 +59,8 @@ pub struct ProxyState {
     idle_timeout: Duration,
     header_read_timeout: Duration,
     access_log: bool,
+    /// `database.max_staleness` in ms: past this table age requests fail closed with 503.
+    max_staleness_ms: Option<i64>,
 }
 
 impl ProxyState {
@@ -67,7 +72,7 @@ impl ProxyState {
         clock: Clock,
     ) -> Self {
         ProxyState {
-            router: Router::new(&config.routes),
+            router: ArcSwap::from_pointee(Router::new(&config.routes)),
             table,
             verifier,
             usage,
@@ -77,7 +82,13 @@ impl ProxyState {
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
             access_log: config.log.access_log,
+            max_staleness_ms: config.database.max_staleness.map(|d| d.as_millis() as i64),
         }
+    }
+
+    /// Replaces the routes; requests already routed keep the table they started with.
+    pub fn replace_routes(&self, routes: &[RouteConfig]) {
+        self.router.store(Arc::new(Router::new(routes)));
     }
 }
 

@@ -17,7 +17,7 @@ use super::headers::{
     KeySource, X_REQUEST_ID,
 };
 use super::path::canonical_path;
-use super::route::Route;
+use super::route::{Route, Router};
 use super::upstream::{Dedicated, UpstreamClient};
 use super::ProxyState;
 use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
@@ -49,8 +49,10 @@ pub(super) async fn handle(
     let request_id = request_id(&req);
     let method = req.method().clone();
     let mut trail = Trail::default();
+    // One load per request: a SIGHUP swap affects later requests, never one half-way through.
+    let router = state.router.load_full();
 
-    let authorised = authorize(state, &req, &mut trail).await;
+    let authorised = authorize(state, &router, &req, &mut trail).await;
     let auth_us = started.elapsed().as_micros() as u64;
     let (mut response, outcome, reason) = match authorised {
         Ok(grant) => {
@@ -129,7 +131,8 @@ pub(super) async fn passthrough(
         Arc::new(KeyEntry::from_row(row).expect("a valid bench entry"))
     });
     let request_id = request_id(&req);
-    let Some(route) = state.router.find(req.method(), req.uri().path()) else {
+    let router = state.router.load_full();
+    let Some(route) = router.find(req.method(), req.uri().path()) else {
         return Rejection::NoRoute.into_response();
     };
     let source = if req.headers().contains_key(http::header::AUTHORIZATION) {
@@ -153,12 +156,18 @@ pub(super) async fn passthrough(
 
 /// Steps 1–6: everything that decides whether the request may pass.
 async fn authorize<'s>(
-    state: &'s ProxyState,
+    state: &ProxyState,
+    router: &'s Router,
     req: &Request<Incoming>,
     trail: &mut Trail<'s>,
 ) -> Result<Grant<'s>, Rejection> {
-    if state.table.synced_at().is_none() {
-        return Err(Rejection::NotReady);
+    let now_ms = state.clock.now_ms();
+    match state.table.synced_at() {
+        None => return Err(Rejection::NotReady),
+        Some(at) if state.max_staleness_ms.is_some_and(|max| now_ms - at > max) => {
+            return Err(Rejection::Stale)
+        }
+        Some(_) => {}
     }
     let headers = req.headers();
     // hyper lets Content-Length and Transfer-Encoding through together; an upstream or a
@@ -174,10 +183,7 @@ async fn authorize<'s>(
     let path = req.uri().path();
     canonical_path(path.as_bytes()).map_err(|_| Rejection::BadRequest("non_canonical_path"))?;
 
-    let route = state
-        .router
-        .find(req.method(), path)
-        .ok_or(Rejection::NoRoute)?;
+    let route = router.find(req.method(), path).ok_or(Rejection::NoRoute)?;
     trail.route = Some(&route.name);
 
     let (source, text) = extract_key(headers).map_err(|e| match e {
@@ -193,7 +199,7 @@ async fn authorize<'s>(
         .lookup(&key.prefix)
         .ok_or(Rejection::Unauthorized(AuthFailure::Unknown))?;
     // Revocation and expiry come from the live table before any cache is consulted.
-    match entry.state(state.clock.now_ms()) {
+    match entry.state(now_ms) {
         KeyState::Active => {}
         KeyState::Revoked => return Err(Rejection::Unauthorized(AuthFailure::Revoked)),
         KeyState::Expired => return Err(Rejection::Unauthorized(AuthFailure::Expired)),

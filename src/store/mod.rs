@@ -17,6 +17,8 @@ use sqlx::sqlite::{
 use crate::config::DatabaseUrl;
 use crate::keys::{KeyId, KeyKind, KeyRow};
 
+pub use fleet::{Heartbeat, CHANGES_CHANNEL};
+
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -74,6 +76,9 @@ macro_rules! insert_audit {
         .execute($exec)
     };
 }
+
+// After the macros above, which it uses.
+mod fleet;
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Account {
@@ -170,6 +175,30 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(options)
                 .await?;
+            Ok(Store::Sqlite(pool))
+        }
+    }
+
+    /// Opens a pool without connecting: `serve` starts even while the database is away and
+    /// keeps retrying in the background.
+    pub fn connect_lazy(url: &DatabaseUrl, max_connections: u32) -> Result<Store, StoreError> {
+        if url.is_postgres() {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy(url.expose())?;
+            Ok(Store::Postgres(pool))
+        } else {
+            let options = SqliteConnectOptions::from_str(url.expose())?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options);
             Ok(Store::Sqlite(pool))
         }
     }

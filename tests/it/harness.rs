@@ -333,6 +333,10 @@ pub struct AppOptions {
     pub refresh_interval: &'static str,
     pub flush_interval: &'static str,
     pub upstream_timeout: &'static str,
+    /// `[database] heartbeat_interval`.
+    pub heartbeat_interval: &'static str,
+    /// `[database] max_staleness` ("none" or a duration).
+    pub max_staleness: &'static str,
 }
 
 impl Default for AppOptions {
@@ -343,6 +347,8 @@ impl Default for AppOptions {
             refresh_interval: "100ms",
             flush_interval: "200ms",
             upstream_timeout: "5s",
+            heartbeat_interval: "200ms",
+            max_staleness: "none",
         }
     }
 }
@@ -404,6 +410,8 @@ listen = "127.0.0.1:0"
 url = "{db_url}"
 refresh_interval = "{refresh}"
 max_connections = 4
+heartbeat_interval = "{heartbeat}"
+max_staleness = "{max_staleness}"
 
 [last_used]
 flush_interval = "{flush}"
@@ -419,6 +427,8 @@ parallelism = 1
         upstream_timeout = opts.upstream_timeout,
         refresh = opts.refresh_interval,
         flush = opts.flush_interval,
+        heartbeat = opts.heartbeat_interval,
+        max_staleness = opts.max_staleness,
         extra = opts.extra_toml,
         routes = standard_routes(upstream),
     )
@@ -432,6 +442,31 @@ pub async fn spawn_app_with(engine: Engine, opts: AppOptions) -> TestApp {
     let db = TestDb::new(engine).await;
     let upstream = Upstream::start().await;
     spawn_on(db, upstream, opts).await
+}
+
+/// Starts one keygate instance on `db_url` (which may lead through a relay) in front of
+/// `upstream`, without waiting for it to be ready.
+pub async fn start_keygate(db_url: &str, upstream: SocketAddr, opts: &AppOptions) -> Keygate {
+    let toml = test_config_toml(db_url, upstream, opts);
+    let config =
+        Config::from_toml(&toml, "test", std::iter::empty()).expect("test config is valid");
+    let (proxy, admin) = server::bind(&config).await.expect("bind");
+    server::start(&config, proxy, admin, opts.clock.clone())
+        .await
+        .expect("keygate starts")
+}
+
+/// A manager writing straight to `db_url` (migrating it first), as an operator's CLI would.
+pub async fn manager_for(db_url: &str) -> Manager {
+    let url = keygate::config::DatabaseUrl::new(db_url).expect("url");
+    let store = Store::connect(&url, 2).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let hashing = keygate::config::HashingConfig {
+        memory_kib: 1024,
+        iterations: 1,
+        parallelism: 1,
+    };
+    Manager::new(store, hashing, Clock::System).expect("manager")
 }
 
 /// Starts keygate on an existing database and upstream (several instances may share both).

@@ -4,5 +4,9 @@
 mod harness;
 
 mod cli;
+mod fleet;
+mod outage;
 mod proxy;
+mod relay;
+mod restart;
 mod store;
