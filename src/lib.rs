@@ -10,13 +10,14 @@
 //! cli        command-line front end (serve, migrate, config, account, key)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
-//! admin      control-plane listener: health and readiness
+//! admin      control-plane listener: health, readiness, metrics
 //! manage     control-plane operations shared by the CLI and the admin API (issue, revoke)
 //! sync       keeps the in-memory key table in step with the database
 //! usage      last-used stamping, batched off the request path
 //! store      the only module that talks to a database (SQLite or PostgreSQL)
 //! keys       pure: key format, hashing, the key table, verification with its cache
 //! config     file and environment → validated configuration
+//! metrics    Prometheus metrics of one instance, with its own registry
 //! clock      wall-clock time, injectable for tests
 //! telemetry  tracing setup
 //! ```
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod keys;
 pub mod manage;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -15,6 +15,7 @@ use crate::admin::{self, AdminState};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::{KeyTable, Verifier};
+use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
 use crate::sync;
@@ -27,6 +28,7 @@ pub struct Keygate {
     pub table: Arc<KeyTable>,
     pub store: Store,
     pub proxy: Arc<ProxyState>,
+    pub metrics: Arc<Metrics>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -76,19 +78,33 @@ pub async fn start(
     let store = Store::connect(&config.database.url, config.database.max_connections).await?;
     store.migrate().await?;
 
+    let route_names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(
+        &route_names,
+        config.metrics.per_account_labels,
+    ));
     let table = Arc::new(KeyTable::new());
-    let verifier = Arc::new(Verifier::new(&config.verification));
+    let verifier =
+        Arc::new(Verifier::new(&config.verification).on_argon2(metrics.argon2_observer()));
     let usage = Arc::new(Usage::new());
+    metrics.watch(
+        table.clone(),
+        verifier.clone(),
+        usage.clone(),
+        clock.clone(),
+    );
     let proxy_state = Arc::new(ProxyState::new(
         config,
         table.clone(),
         verifier,
         usage.clone(),
         clock.clone(),
+        metrics.clone(),
     ));
     let admin_state = Arc::new(AdminState {
         table: table.clone(),
         clock: clock.clone(),
+        metrics: metrics.clone(),
     });
 
     let stop_accepting = CancellationToken::new();
@@ -103,11 +119,13 @@ pub async fn start(
             clock.clone(),
             config.database.refresh_interval,
             stop_background.clone(),
+            metrics.sync.clone(),
         )),
         tokio::spawn(usage.run(
             store.clone(),
             config.last_used.flush_interval,
             stop_background.clone(),
+            metrics.last_used.clone(),
         )),
     ];
     let listeners = vec![
@@ -137,6 +155,7 @@ pub async fn start(
         table,
         store,
         proxy: proxy_state,
+        metrics,
         stop_accepting,
         stop_background,
         listeners,

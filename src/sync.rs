@@ -5,12 +5,13 @@
 //! skipped. When the database is away the table keeps serving what it had.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::keys::KeyTable;
+use crate::metrics::SyncMetrics;
 use crate::store::{Store, StoreError};
 
 /// How far back each refresh re-reads, for transactions that commit after a later one.
@@ -43,10 +44,14 @@ pub async fn run(
     clock: Clock,
     interval: Duration,
     shutdown: CancellationToken,
+    metrics: SyncMetrics,
 ) {
     let mut backoff = Duration::from_millis(100);
     while table.synced_at().is_none() {
-        match load(&store, &table, &clock).await {
+        let started = Instant::now();
+        let loaded = load(&store, &table, &clock).await;
+        metrics.observe(started, loaded.is_ok());
+        match loaded {
             Ok(n) => tracing::info!(keys = n, "key table loaded"),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "loading the key table failed");
@@ -64,7 +69,10 @@ pub async fn run(
             () = tokio::time::sleep(interval) => {}
             () = shutdown.cancelled() => return,
         }
-        match refresh(&store, &table, &clock).await {
+        let started = Instant::now();
+        let refreshed = refresh(&store, &table, &clock).await;
+        metrics.observe(started, refreshed.is_ok());
+        match refreshed {
             Ok(changed) => {
                 if failing {
                     tracing::info!("key table refresh recovered");

@@ -1,10 +1,10 @@
-//! The control-plane listener, apart from the proxy port: liveness and readiness now; the
-//! console, JSON API and metrics join it here.
+//! The control-plane listener, apart from the proxy port: liveness, readiness and Prometheus
+//! metrics now; the console and JSON API join it here.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,17 +14,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::keys::KeyTable;
+use crate::metrics::{self, Metrics};
 
 /// What the admin listener reads.
 pub struct AdminState {
     pub table: Arc<KeyTable>,
     pub clock: Clock,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
         .with_state(state)
 }
 
@@ -60,4 +63,12 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             Json(json!({ "status": "loading" })),
         ),
     }
+}
+
+/// The Prometheus text exposition of this instance's registry.
+async fn render_metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
 }

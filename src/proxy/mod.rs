@@ -40,6 +40,7 @@ pub use route::{Route, Router};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::{KeyTable, Verifier};
+use crate::metrics::Metrics;
 use crate::usage::Usage;
 use upstream::UpstreamClient;
 
@@ -50,6 +51,7 @@ pub struct ProxyState {
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
     pub clock: Clock,
+    pub metrics: Arc<Metrics>,
     client: UpstreamClient,
     idle_timeout: Duration,
     header_read_timeout: Duration,
@@ -63,6 +65,7 @@ impl ProxyState {
         verifier: Arc<Verifier>,
         usage: Arc<Usage>,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Self {
         ProxyState {
             router: Router::new(&config.routes),
@@ -70,6 +73,7 @@ impl ProxyState {
             verifier,
             usage,
             clock,
+            metrics,
             client: UpstreamClient::new(config.proxy.upstream_timeout),
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,

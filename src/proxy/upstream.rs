@@ -11,6 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::IdleTimeout;
 use super::error::Rejection;
+use crate::metrics::UpstreamFailure;
 
 /// What keygate sends upstream: the client's body, streamed under the idle timeout.
 pub type OutboundBody = IdleTimeout<Incoming>;
@@ -36,21 +37,36 @@ impl UpstreamClient {
     }
 
     /// Sends `req` and waits for the response head. The body then streams without a deadline.
-    pub async fn send(&self, req: Request<OutboundBody>) -> Result<Response<Incoming>, Rejection> {
+    pub async fn send(
+        &self,
+        req: Request<OutboundBody>,
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
-                Err(Rejection::BadGateway)
+                Err(if e.is_connect() {
+                    UpstreamFailure::Connect
+                } else {
+                    UpstreamFailure::Request
+                })
             }
             Err(_) => {
                 tracing::warn!(
                     timeout_ms = self.response_timeout.as_millis() as u64,
                     "upstream did not answer in time"
                 );
-                Err(Rejection::GatewayTimeout)
+                Err(UpstreamFailure::Timeout)
             }
         }
+    }
+}
+
+/// 502 when the upstream could not be reached or broke, 504 when it was too slow.
+pub fn rejection(failure: UpstreamFailure) -> Rejection {
+    match failure {
+        UpstreamFailure::Connect | UpstreamFailure::Request => Rejection::BadGateway,
+        UpstreamFailure::Timeout => Rejection::GatewayTimeout,
     }
 }
 
