@@ -4,5 +4,6 @@
 mod harness;
 
 mod cli;
+mod observability;
 mod proxy;
 mod store;
