@@ -107,11 +107,14 @@ impl QueueMetrics {
     }
 }
 
+/// Every metric of one keygate instance, in its own registry (never the global one), so two
+/// instances can run in one process.
 pub struct Metrics {
     registry: Registry,
     routes: Vec<String>,
     requests: IntCounterVec,
-    /// Lazily resolved handles of `requests`, indexed by `slot()`.
+    /// Handles of `requests`, resolved on first use and indexed by (route, method class,
+    /// outcome slot), so counting never hashes label values.
     request_slots: Vec<OnceLock<IntCounter>>,
     account_requests: Option<IntCounterVec>,
     auth_duration: Histogram,
@@ -300,7 +303,8 @@ impl Metrics {
             },
             last_used,
             audit,
-            audit_depth: IntGauge::new("keygate_audit_queue_depth", "unregistered")?,
+            // Not registered itself: the scrape-time collector reads it into `keygate_queue_depth`.
+            audit_depth: IntGauge::new("keygate_audit_queue_depth", "read at scrape")?,
         })
     }
 
