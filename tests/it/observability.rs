@@ -325,7 +325,7 @@ async fn per_account_labels_appear_only_when_the_operator_turns_them_on() {
 }
 
 #[test]
-fn the_alert_rules_pass_promtool_check_rules() {
+fn the_alert_rules_pass_promtool_check_rules_and_their_unit_tests() {
     let path = repo("deploy/prometheus/keygate-alerts.yml");
     let out = promtool(
         &["check", "rules", path.to_str().expect("utf-8 path")],
@@ -339,6 +339,19 @@ fn the_alert_rules_pass_promtool_check_rules() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("SUCCESS"), "{text}");
+
+    // The rules' own unit tests: each alert fires on the series it is meant for, not before.
+    let tests = repo("deploy/prometheus/keygate-alerts.test.yml");
+    let out = promtool(
+        &["test", "rules", tests.to_str().expect("utf-8 path")],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rules = read("deploy/prometheus/keygate-alerts.yml");
     for alert in [
         "KeygateHighUnauthorizedRate",
