@@ -7,6 +7,7 @@ use std::sync::Arc;
 use keygate::clock::Clock;
 use keygate::config::Config;
 use keygate::keys::{KeyTable, Verifier};
+use keygate::metrics::Metrics;
 use keygate::proxy::{self, ProxyState};
 use keygate::usage::Usage;
 use tokio_util::sync::CancellationToken;
@@ -23,12 +24,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          [[routes]]\nname = \"bench\"\npath_prefix = \"/\"\nupstream = \"{upstream}\"\nscope = \"bench\"\n"
     );
     let config = Config::from_toml(&toml, "bench", std::iter::empty())?;
+    let routes: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
     let state = Arc::new(ProxyState::new(
         &config,
         Arc::new(KeyTable::new()),
         Arc::new(Verifier::new(&config.verification)),
         Arc::new(Usage::new()),
         Clock::System,
+        Arc::new(Metrics::new(&routes, false)),
     ));
     let listener = tokio::net::TcpListener::bind(config.proxy.listen).await?;
     proxy::serve_passthrough(

@@ -10,7 +10,7 @@
 //! cli        command-line front end (serve, migrate, config, account, key)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
-//! admin      control-plane listener: health, readiness, the fleet list
+//! admin      control-plane listener: health, readiness, metrics, the fleet list
 //! manage     control-plane operations shared by the CLI and the admin API (issue, revoke)
 //! sync       keeps the in-memory key table in step with the database (NOTIFY + refresh)
 //! fleet      sidecar heartbeats: who runs, and how current each key table is
@@ -18,6 +18,7 @@
 //! store      the only module that talks to a database (SQLite or PostgreSQL)
 //! keys       pure: key format, hashing, the key table, verification with its cache
 //! config     file and environment → validated configuration
+//! metrics    Prometheus metrics of one instance, with its own registry
 //! clock      wall-clock time, injectable for tests
 //! telemetry  tracing setup
 //! ```
@@ -29,6 +30,7 @@ pub mod config;
 pub mod fleet;
 pub mod keys;
 pub mod manage;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod store;

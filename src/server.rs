@@ -18,6 +18,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::fleet::{self, Identity};
 use crate::keys::{KeyTable, Verifier};
+use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
 use crate::sync::{self, SyncStatus};
@@ -36,6 +37,7 @@ pub struct Keygate {
     stopping: CancellationToken,
     /// How long to keep serving after a stop signal before closing the listeners.
     shutdown_delay: Duration,
+    pub metrics: Arc<Metrics>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -97,15 +99,28 @@ pub async fn start(
     let identity = Identity::new(clock.now_ms());
     let stopping = CancellationToken::new();
 
+    let route_names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(
+        &route_names,
+        config.metrics.per_account_labels,
+    ));
     let table = Arc::new(KeyTable::new());
-    let verifier = Arc::new(Verifier::new(&config.verification));
+    let verifier =
+        Arc::new(Verifier::new(&config.verification).on_argon2(metrics.argon2_observer()));
     let usage = Arc::new(Usage::new());
+    metrics.watch(
+        table.clone(),
+        verifier.clone(),
+        usage.clone(),
+        clock.clone(),
+    );
     let proxy_state = Arc::new(ProxyState::new(
         config,
         table.clone(),
         verifier,
         usage.clone(),
         clock.clone(),
+        metrics.clone(),
     ));
     let admin_state = Arc::new(AdminState {
         table: table.clone(),
@@ -116,6 +131,7 @@ pub async fn start(
         heartbeat_interval: config.database.heartbeat_interval,
         max_staleness: config.database.max_staleness,
         stopping: stopping.clone(),
+        metrics: metrics.clone(),
     });
 
     let stop_accepting = CancellationToken::new();
@@ -131,11 +147,13 @@ pub async fn start(
             clock.clone(),
             config.database.refresh_interval,
             stop_background.clone(),
+            metrics.sync.clone(),
         )),
         tokio::spawn(usage.run(
             store.clone(),
             config.last_used.flush_interval,
             stop_background.clone(),
+            metrics.last_used.clone(),
         )),
         tokio::spawn(fleet::run(
             store.clone(),
@@ -179,6 +197,7 @@ pub async fn start(
         identity,
         stopping,
         shutdown_delay: config.proxy.shutdown_delay,
+        metrics,
         stop_accepting,
         stop_background,
         listeners,

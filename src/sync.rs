@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{self, Clock};
 use crate::keys::KeyTable;
+use crate::metrics::SyncMetrics;
 use crate::store::{Store, StoreError};
 
 /// How far back each refresh re-reads, for transactions that commit after a later one.
@@ -109,12 +110,26 @@ pub async fn run(
     clock: Clock,
     interval: Duration,
     shutdown: CancellationToken,
+    metrics: SyncMetrics,
 ) {
+    // Every load and refresh is timed and counted for /metrics.
+    let timed_load = || async {
+        let started = std::time::Instant::now();
+        let loaded = load(&store, &table, &clock).await;
+        metrics.observe(started, loaded.is_ok());
+        loaded
+    };
+    let timed_refresh = || async {
+        let started = std::time::Instant::now();
+        let refreshed = refresh(&store, &table, &clock).await;
+        metrics.observe(started, refreshed.is_ok());
+        refreshed
+    };
     let mut backoff = Backoff::new();
     loop {
         let attempt = async {
             store.migrate().await?;
-            load(&store, &table, &clock).await
+            timed_load().await
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -149,7 +164,7 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep_until(next_refresh) => {
                 next_refresh = Instant::now() + interval;
-                let outcome = refresh(&store, &table, &clock).await.map(|_| ());
+                let outcome = timed_refresh().await.map(|_| ());
                 note_outcome(&status, outcome, "key table refresh");
             }
             Some(event) = events.recv() => {
@@ -163,17 +178,19 @@ pub async fn run(
                             count += 1;
                         }
                         status.notifications.fetch_add(count, Ordering::Relaxed);
-                        let outcome = refresh(&store, &table, &clock).await.map(|_| ());
+                        metrics.notifications.inc_by(count);
+                        let outcome = timed_refresh().await.map(|_| ());
                         if outcome.is_ok() {
                             let lag = (clock::system_now_ms() - newest).max(0);
                             status.last_lag_ms.store(lag, Ordering::Relaxed);
+                            metrics.change_lag.set(lag as f64 / 1000.0);
                             tracing::debug!(changes = count, lag_ms = lag, "announced changes applied");
                         }
                         note_outcome(&status, outcome, "applying an announced change");
                     }
                     Event::Connected => {
                         status.listening.store(true, Ordering::Relaxed);
-                        let outcome = load(&store, &table, &clock).await.map(|n| {
+                        let outcome = timed_load().await.map(|n| {
                             status.reloads.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(keys = n, "change listener connected; key table reloaded");
                         });

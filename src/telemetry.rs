@@ -1,6 +1,8 @@
 //! Logging setup: human-readable or JSON lines on stderr (stdout stays clean for command
 //! output such as `key create --json`), filtered by `RUST_LOG` or `log.filter`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -8,8 +10,10 @@ use crate::config::LogFormat;
 /// Installs the global subscriber once; later calls are no-ops (tests start many instances).
 pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    // Colour only for a person at a terminal: journald and log shippers get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -4,11 +4,12 @@
 //! The queue holds at most one slot per key, so it is bounded by the table's size.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{KeyEntry, KeyKind};
+use crate::metrics::QueueMetrics;
 use crate::store::{Store, StoreError};
 
 #[derive(Default)]
@@ -69,13 +70,19 @@ impl Usage {
         store: Store,
         interval: Duration,
         shutdown: CancellationToken,
+        metrics: QueueMetrics,
     ) {
         loop {
             let stop = tokio::select! {
                 () = tokio::time::sleep(interval) => false,
                 () = shutdown.cancelled() => true,
             };
-            match self.flush(&store).await {
+            let started = Instant::now();
+            let flushed = self.flush(&store).await;
+            if !matches!(flushed, Ok(0)) {
+                metrics.observe_flush(started, flushed.is_ok());
+            }
+            match flushed {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(keys = n, "last_used stamps written"),
                 Err(e) => {

@@ -1,5 +1,5 @@
-//! The control-plane listener, apart from the proxy port: liveness, readiness and the fleet
-//! list now; the console, JSON API and metrics join it here.
+//! The control-plane listener, apart from the proxy port: liveness, readiness, Prometheus
+//! metrics and the fleet list; the console and JSON API join it here.
 
 mod sidecars;
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::fleet::Identity;
 use crate::keys::KeyTable;
+use crate::metrics::{self, Metrics};
 use crate::store::Store;
 use crate::sync::SyncStatus;
 
@@ -33,6 +34,7 @@ pub struct AdminState {
     pub max_staleness: Option<Duration>,
     /// Cancelled when a stop signal arrives: readiness fails while requests still drain.
     pub stopping: CancellationToken,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -40,6 +42,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/admin/api/v1/sidecars", get(sidecars::list_sidecars))
+        .route("/metrics", get(render_metrics))
         .with_state(state)
 }
 
@@ -91,5 +94,13 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             "database": state.sync.database_ok(),
             "listening": state.sync.listening(),
         })),
+    )
+}
+
+/// The Prometheus text exposition of this instance's registry.
+async fn render_metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.render(),
     )
 }

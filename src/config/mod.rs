@@ -23,6 +23,7 @@ pub struct Config {
     pub hashing: HashingConfig,
     pub verification: VerificationConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -101,6 +102,13 @@ pub struct LogConfig {
     pub filter: String,
     /// One info line per proxied request.
     pub access_log: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// Adds `keygate_account_requests_total{account=...}`: one series per account and outcome,
+    /// so off by default (cardinality grows with the number of accounts).
+    pub per_account_labels: bool,
 }
 
 /// One `[[routes]]` entry.

@@ -20,6 +20,7 @@ pub(super) struct RawConfig {
     hashing: RawHashing,
     verification: RawVerification,
     log: RawLog,
+    metrics: RawMetrics,
     routes: Vec<RawRoute>,
 }
 
@@ -30,6 +31,7 @@ const SECTIONS: &[&str] = &[
     "last_used",
     "database",
     "hashing",
+    "metrics",
     "proxy",
     "admin",
     "log",
@@ -167,6 +169,12 @@ impl Default for RawLog {
             access_log: true,
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    per_account_labels: bool,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +357,9 @@ impl RawConfig {
             hashing,
             verification,
             log,
+            metrics: MetricsConfig {
+                per_account_labels: self.metrics.per_account_labels,
+            },
             routes,
         })
     }

@@ -28,6 +28,7 @@ fn the_example_file_is_valid_and_shows_the_defaults() {
         defaults.verification.max_pending
     );
     assert_eq!(example.log.access_log, defaults.log.access_log);
+    assert!(!example.metrics.per_account_labels && !defaults.metrics.per_account_labels);
     assert_eq!(example.routes.len(), 3);
 }
 
@@ -123,4 +124,20 @@ fn max_staleness_must_outlast_the_refresh_interval() {
     assert_eq!(err.path, "database.max_staleness");
     let err = parse("[database]\nmax_staleness = \"soon\"\n").expect_err("must fail");
     assert_eq!(err.path, "database.max_staleness");
+}
+
+#[test]
+fn per_account_metric_labels_are_opt_in_from_the_file_or_the_environment() {
+    assert!(
+        parse("[metrics]\nper_account_labels = true")
+            .expect("valid")
+            .metrics
+            .per_account_labels
+    );
+    let from_env = parse_env("", &[("KEYGATE_METRICS_PER_ACCOUNT_LABELS", "true")]).expect("valid");
+    assert!(from_env.metrics.per_account_labels);
+    let err = parse("[metrics]\nper_account_labels = \"yes\"").expect_err("not a boolean");
+    assert_eq!(err.path, "metrics.per_account_labels");
+    let err = parse("[metrics]\nper_route_labels = true").expect_err("unknown");
+    assert_eq!(err.path, "metrics.per_route_labels");
 }

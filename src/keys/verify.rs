@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use tokio::sync::Semaphore;
@@ -58,7 +58,12 @@ pub struct Verifier {
     /// argon2 runs at once.
     workers: Arc<Semaphore>,
     pub stats: VerifyStats,
+    /// Told the duration of every argon2 run (the metrics histogram), so this module stays
+    /// free of the metrics crate.
+    argon2_observer: Option<Argon2Observer>,
 }
+
+type Argon2Observer = Box<dyn Fn(Duration) + Send + Sync>;
 
 impl Verifier {
     pub fn new(cfg: &VerificationConfig) -> Verifier {
@@ -79,7 +84,14 @@ impl Verifier {
             pending: Arc::new(Semaphore::new(cfg.max_pending)),
             workers: Arc::new(Semaphore::new(cfg.max_concurrent)),
             stats: VerifyStats::default(),
+            argon2_observer: None,
         }
+    }
+
+    /// Reports each argon2 run's duration (from holding a worker to the verdict) to `observe`.
+    pub fn on_argon2(mut self, observe: impl Fn(Duration) + Send + Sync + 'static) -> Verifier {
+        self.argon2_observer = Some(Box::new(observe));
+        self
     }
 
     /// Checks that `key` is the secret behind `entry`. Concurrent requests with the same
@@ -111,6 +123,7 @@ impl Verifier {
         let secret = key.secret_text().to_owned();
         let workers = self.workers.clone();
         let stats = &self.stats;
+        let observer = &self.argon2_observer;
         let run = async move {
             // The semaphore is never closed.
             let _worker = workers.acquire_owned().await.map_err(|_| ())?;
@@ -121,9 +134,13 @@ impl Verifier {
                     .await
                     .unwrap_or(false);
             stats.argon2_runs.fetch_add(1, Ordering::Relaxed);
+            let elapsed = started.elapsed();
             stats
                 .argon2_nanos
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+            if let Some(observe) = observer {
+                observe(elapsed);
+            }
             if ok {
                 Ok(id)
             } else {

@@ -42,6 +42,7 @@ pub use route::{Route, Router};
 use crate::clock::Clock;
 use crate::config::{Config, RouteConfig};
 use crate::keys::{KeyTable, Verifier};
+use crate::metrics::Metrics;
 use crate::usage::Usage;
 use upstream::{Dedicated, UpstreamClient};
 
@@ -56,6 +57,7 @@ pub struct ProxyState {
     upstream_timeout: Duration,
     /// Proxy worker threads, each with its own runtime and upstream pool.
     workers: usize,
+    pub metrics: Arc<Metrics>,
     idle_timeout: Duration,
     header_read_timeout: Duration,
     access_log: bool,
@@ -70,6 +72,7 @@ impl ProxyState {
         verifier: Arc<Verifier>,
         usage: Arc<Usage>,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Self {
         ProxyState {
             router: ArcSwap::from_pointee(Router::new(&config.routes)),
@@ -79,6 +82,7 @@ impl ProxyState {
             clock,
             upstream_timeout: config.proxy.upstream_timeout,
             workers: config.proxy.workers,
+            metrics,
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
             access_log: config.log.access_log,

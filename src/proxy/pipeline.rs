@@ -18,14 +18,15 @@ use super::headers::{
 };
 use super::path::canonical_path;
 use super::route::{Route, Router};
-use super::upstream::{Dedicated, UpstreamClient};
+use super::upstream::{self, Dedicated, UpstreamClient};
 use super::ProxyState;
 use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
+use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 
 /// What the pipeline learnt about a request, for the access log.
 #[derive(Default)]
 struct Trail<'s> {
-    route: Option<&'s str>,
+    route: Option<&'s Route>,
     prefix: Option<KeyPrefix>,
     entry: Option<Arc<KeyEntry>>,
 }
@@ -46,6 +47,7 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    let _in_flight = state.metrics.in_flight();
     let request_id = request_id(&req);
     let method = req.method().clone();
     let mut trail = Trail::default();
@@ -53,50 +55,44 @@ pub(super) async fn handle(
     let router = state.router.load_full();
 
     let authorised = authorize(state, &router, &req, &mut trail).await;
-    let auth_us = started.elapsed().as_micros() as u64;
+    let auth_time = started.elapsed();
+    state.metrics.observe_auth(auth_time);
+    let mut upstream_ms = 0;
     let (mut response, outcome, reason) = match authorised {
         Ok(grant) => {
             let upstream_started = Instant::now();
             let result = forward(state, client, own, grant, peer, req, &request_id).await;
-            let upstream_ms = upstream_started.elapsed().as_millis() as u64;
+            upstream_ms = upstream_started.elapsed().as_millis() as u64;
             match result {
-                Ok(response) => {
-                    log_access(
-                        state,
-                        &request_id,
-                        &method,
-                        &trail,
-                        response.status().as_u16(),
-                        "allowed",
-                        "-",
-                        auth_us,
-                        upstream_ms,
-                    );
-                    let mut response = response;
-                    response.headers_mut().insert(&X_REQUEST_ID, request_id);
-                    return response;
-                }
+                Ok(response) => (response, Outcome::Allowed, "-"),
                 Err(rejection) => {
-                    let (outcome, reason) = (rejection.outcome(), rejection.reason());
+                    let (outcome, reason) = (counted(&rejection), rejection.reason());
                     (rejection.into_response(), outcome, reason)
                 }
             }
         }
         Err(rejection) => {
-            let (outcome, reason) = (rejection.outcome(), rejection.reason());
+            let (outcome, reason) = (counted(&rejection), rejection.reason());
             (rejection.into_response(), outcome, reason)
         }
     };
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .request(trail.route.map(|r| r.index), &method, outcome, status);
+    if let Some(entry) = &trail.entry {
+        state.metrics.account_request(entry.owner.name(), outcome);
+    }
     log_access(
         state,
         &request_id,
         &method,
         &trail,
-        response.status().as_u16(),
-        outcome,
+        status,
+        outcome_label(outcome),
         reason,
-        auth_us,
-        0,
+        auth_time.as_micros() as u64,
+        upstream_ms,
     );
     response.headers_mut().insert(&X_REQUEST_ID, request_id);
     response
@@ -184,7 +180,7 @@ async fn authorize<'s>(
     canonical_path(path.as_bytes()).map_err(|_| Rejection::BadRequest("non_canonical_path"))?;
 
     let route = router.find(req.method(), path).ok_or(Rejection::NoRoute)?;
-    trail.route = Some(&route.name);
+    trail.route = Some(route);
 
     let (source, text) = extract_key(headers).map_err(|e| match e {
         CredentialError::Missing => Rejection::Unauthorized(AuthFailure::Missing),
@@ -273,11 +269,19 @@ async fn forward(
 
     state.usage.record(&grant.entry, state.clock.now_ms());
     let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
+    let sent = Instant::now();
     let response = if dedicated {
-        client.send_dedicated(own, request).await?
+        client.send_dedicated(own, request).await
     } else {
-        client.send_pooled(request).await?
+        client.send_pooled(request).await
     };
+    let response = response.map_err(|failure| {
+        state.metrics.upstream_error(grant.route.index, failure);
+        upstream::rejection(failure)
+    })?;
+    state
+        .metrics
+        .observe_upstream(grant.route.index, sent.elapsed());
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(
@@ -334,7 +338,7 @@ fn log_access(
     tracing::info!(
         target: "keygate::access",
         request_id = request_id.to_str().unwrap_or("-"),
-        route = trail.route.unwrap_or("-"),
+        route = trail.route.map_or("-", |r| r.name.as_str()),
         method = method.as_str(),
         status,
         outcome,
@@ -345,4 +349,38 @@ fn log_access(
         upstream_ms,
         "request"
     );
+}
+
+/// How a refusal is counted.
+fn counted(rejection: &Rejection) -> Outcome {
+    match rejection {
+        Rejection::BadRequest(_) => Outcome::BadRequest,
+        Rejection::NoRoute => Outcome::NotFound,
+        Rejection::Unauthorized(f) => Outcome::Unauthorized(match f {
+            AuthFailure::Missing => AuthReason::Missing,
+            AuthFailure::Malformed => AuthReason::Malformed,
+            AuthFailure::Unknown => AuthReason::Unknown,
+            AuthFailure::Revoked => AuthReason::Revoked,
+            AuthFailure::Expired => AuthReason::Expired,
+        }),
+        Rejection::Forbidden(_) => Outcome::Forbidden,
+        Rejection::NotReady | Rejection::Stale => Outcome::NotReady,
+        Rejection::Busy => Outcome::Busy,
+        Rejection::BadGateway => Outcome::UpstreamError(UpstreamFailure::Request),
+        Rejection::GatewayTimeout => Outcome::UpstreamError(UpstreamFailure::Timeout),
+    }
+}
+
+/// The access log's `outcome` field: the same words as the metric's label.
+fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Allowed => "allowed",
+        Outcome::Unauthorized(_) => "unauthorized",
+        Outcome::Forbidden => "forbidden",
+        Outcome::NotFound => "not_found",
+        Outcome::UpstreamError(_) => "upstream_error",
+        Outcome::BadRequest => "bad_request",
+        Outcome::Busy => "busy",
+        Outcome::NotReady => "not_ready",
+    }
 }

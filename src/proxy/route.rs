@@ -10,6 +10,8 @@ use crate::keys::Scope;
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
+    /// Position in the configuration file, for per-route metric handles.
+    pub index: usize,
     prefix: String,
     methods: Vec<Method>,
     pub upstream: Upstream,
@@ -26,8 +28,10 @@ impl Router {
     pub fn new(config: &[RouteConfig]) -> Router {
         let mut routes: Vec<Route> = config
             .iter()
-            .map(|r| Route {
+            .enumerate()
+            .map(|(index, r)| Route {
                 name: r.name.clone(),
+                index,
                 prefix: r.path_prefix.clone(),
                 methods: r.methods.clone(),
                 upstream: r.upstream.clone(),

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 
 use super::body::IdleTimeout;
 use super::error::Rejection;
+use crate::metrics::UpstreamFailure;
 
 /// What keygate sends upstream: the client's body, streamed under the idle timeout.
 pub type OutboundBody = IdleTimeout<Incoming>;
@@ -52,12 +53,16 @@ impl UpstreamClient {
     pub async fn send_pooled(
         &self,
         req: Request<OutboundBody>,
-    ) -> Result<Response<Incoming>, Rejection> {
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
         match tokio::time::timeout(self.response_timeout, self.pool.request(req)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
-                Err(Rejection::BadGateway)
+                Err(if e.is_connect() {
+                    UpstreamFailure::Connect
+                } else {
+                    UpstreamFailure::Request
+                })
             }
             Err(_) => Err(self.timed_out()),
         }
@@ -69,15 +74,16 @@ impl UpstreamClient {
         &self,
         own: &Dedicated,
         mut req: Request<OutboundBody>,
-    ) -> Result<Response<Incoming>, Rejection> {
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
         let Some(authority) = req.uri().authority().cloned() else {
-            return Err(Rejection::BadGateway);
+            return Err(UpstreamFailure::Request);
         };
         // On its own connection a request goes in origin form (`/path?query`, RFC 9112 §3.2.1);
         // the Host header already names the upstream.
         let mut origin_form = http::uri::Parts::default();
         origin_form.path_and_query = req.uri().path_and_query().cloned();
-        *req.uri_mut() = http::Uri::from_parts(origin_form).map_err(|_| Rejection::BadGateway)?;
+        *req.uri_mut() =
+            http::Uri::from_parts(origin_form).map_err(|_| UpstreamFailure::Request)?;
         let mut reused = own.take_sender(&authority);
         for _ in 0..2 {
             let mut sender = match reused.take() {
@@ -98,7 +104,7 @@ impl UpstreamClient {
                     Some(unsent) => req = unsent,
                     None => {
                         tracing::warn!(error = %error_chain(e.error()), "upstream request failed");
-                        return Err(Rejection::BadGateway);
+                        return Err(UpstreamFailure::Request);
                     }
                 },
                 Err(_) => {
@@ -109,14 +115,14 @@ impl UpstreamClient {
             }
         }
         tracing::warn!(upstream = %authority, "upstream closed two connections before a request could be sent");
-        Err(Rejection::BadGateway)
+        Err(UpstreamFailure::Request)
     }
 
     async fn connect(
         &self,
         own: &Dedicated,
         authority: &Authority,
-    ) -> Result<http1::SendRequest<OutboundBody>, Rejection> {
+    ) -> Result<http1::SendRequest<OutboundBody>, UpstreamFailure> {
         let address = match authority.port_u16() {
             Some(_) => authority.as_str().to_string(),
             None => format!("{}:80", authority.host()),
@@ -126,7 +132,7 @@ impl UpstreamClient {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::warn!(upstream = %address, error = %e, "cannot connect to upstream");
-                    return Err(Rejection::BadGateway);
+                    return Err(UpstreamFailure::Connect);
                 }
                 Err(_) => return Err(self.timed_out()),
             };
@@ -136,18 +142,18 @@ impl UpstreamClient {
             .await
             .map_err(|e| {
                 tracing::warn!(upstream = %address, error = %e, "upstream handshake failed");
-                Rejection::BadGateway
+                UpstreamFailure::Connect
             })?;
         own.install(authority.clone(), connection);
         Ok(sender)
     }
 
-    fn timed_out(&self) -> Rejection {
+    fn timed_out(&self) -> UpstreamFailure {
         tracing::warn!(
             timeout_ms = self.response_timeout.as_millis() as u64,
             "upstream did not answer in time"
         );
-        Rejection::GatewayTimeout
+        UpstreamFailure::Timeout
     }
 }
 
@@ -227,6 +233,14 @@ impl Dedicated {
         inner.connection = None;
         inner.sender = None;
         inner.authority = None;
+    }
+}
+
+/// 502 when the upstream could not be reached or broke, 504 when it was too slow.
+pub fn rejection(failure: UpstreamFailure) -> Rejection {
+    match failure {
+        UpstreamFailure::Connect | UpstreamFailure::Request => Rejection::BadGateway,
+        UpstreamFailure::Timeout => Rejection::GatewayTimeout,
     }
 }
 

@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod fleet;
+mod observability;
 mod outage;
 mod proxy;
 mod relay;

@@ -1,0 +1,868 @@
+//! What SREs and ops see: a live `/metrics` scrape checked by promtool and by value, the alert
+//! rules and dashboard checked against it, the references checked against the config and the
+//! scrape, the Kubernetes kit checked against its own configuration, and the real binary's
+//! logs at trace level checked for keys, hashes and passwords.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keygate::config::{Config, DatabaseUrl};
+use keygate::keys::{generate, KeyKind};
+use keygate::store::Store;
+
+use crate::both_engines;
+use crate::harness::*;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+/// Runs promtool (Debian package `prometheus`); a missing promtool fails the test.
+fn promtool(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (Debian package `prometheus`; .ci/run installs it)");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write to promtool");
+    }
+    drop(input);
+    child.wait_with_output().expect("promtool runs")
+}
+
+/// The value of one exact series line (`name{labels}`) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Every metric family a scrape declares with `# TYPE`.
+fn families(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every `keygate_*` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("keygate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        if end > "keygate_".len() {
+            names.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The family a queried series belongs to (`_bucket`, `_sum`, `_count` of a histogram).
+fn family_of<'a>(name: &'a str, known: &BTreeSet<String>) -> Option<&'a str> {
+    if known.contains(name) {
+        return Some(name);
+    }
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|base| known.contains(*base))
+}
+
+fn requests(route: &str, method: &str, outcome: &str, reason: &str, class: &str) -> String {
+    format!(
+        r#"keygate_requests_total{{method="{method}",outcome="{outcome}",reason="{reason}",route="{route}",status_class="{class}"}}"#
+    )
+}
+
+async fn scrape(app: &TestApp) -> String {
+    let r = app.admin_get("/metrics").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers["content-type"], "text/plain; version=0.0.4",
+        "the Prometheus text format"
+    );
+    r.text()
+}
+
+/// A well-formed key (valid checksum) with `prefix` and a secret that is not the real one.
+fn forge(prefix: &str) -> String {
+    let other = generate(KeyKind::ServiceAccount);
+    let body = format!("{prefix}_{}", &other.expose()[9..41]);
+    let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut n = crc32fast::hash(body.as_bytes());
+    let mut sum = [b'0'; 6];
+    for slot in sum.iter_mut().rev() {
+        *slot = alphabet[(n % 62) as usize];
+        n /= 62;
+    }
+    format!("{body}{}", std::str::from_utf8(&sum).expect("ascii"))
+}
+
+/// Sends a request with the key in `X-Api-Key`.
+async fn call(app: &TestApp, method: &str, path: &str, key: Option<&str>) -> TestResponse {
+    let mut req = http::Request::builder().method(method).uri(app.url(path));
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    app.send(req.body(empty()).expect("request")).await
+}
+
+both_engines! {
+    async fn a_live_scrape_counts_every_outcome_and_passes_promtool(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let account = app.create_account("billing").await;
+        let good = app.create_key(&account, "good", &["recordings:read"]).await;
+        let revoked = app.create_key(&account, "old", &["recordings:read"]).await;
+        let expired = app
+            .create_key_expiring(&account, "short", &["recordings:read"], Some(app.manager.now_ms() + 300))
+            .await;
+        let record = app
+            .manager
+            .key_by_prefix(revoked.key.prefix().as_str())
+            .await
+            .expect("record");
+        app.manager
+            .revoke_key(&record, &keygate::manage::Actor::cli())
+            .await
+            .expect("revoke");
+        let good = good.key.expose().to_string();
+        let (revoked, expired) = (revoked.key.expose().to_string(), expired.key.expose().to_string());
+        // Wait for the revocation to reach the table, without ever sending the revoked key
+        // while it was still live (so the argon2 count below is exact).
+        let table = app.keygate.as_ref().expect("running").table.clone();
+        let prefix = keygate::keys::KeyPrefix::parse(&revoked[..8]).expect("prefix");
+        wait_until(Duration::from_secs(5), || {
+            table.lookup(&prefix).map(|e| e.state(i64::MAX / 2)) == Some(keygate::keys::KeyState::Revoked)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        assert_eq!(call(&app, "GET", "/recordings/1", Some(&good)).await.status, 200);
+        assert_eq!(call(&app, "HEAD", "/recordings/1", Some(&good)).await.status, 200);
+        assert_eq!(call(&app, "GET", "/recordings/1", None).await.status, 401);
+        assert_eq!(call(&app, "GET", "/recordings/1", Some("kgs_not_a_key")).await.status, 401);
+        let unknown = generate(KeyKind::ServiceAccount);
+        assert_eq!(call(&app, "GET", "/recordings/1", Some(unknown.expose())).await.status, 401);
+        assert_eq!(call(&app, "GET", "/recordings/1", Some(&forge(&good[..8]))).await.status, 401);
+        assert_eq!(call(&app, "GET", "/recordings/1", Some(&expired)).await.status, 401);
+        assert_eq!(call(&app, "GET", "/recordings/1", Some(&revoked)).await.status, 401);
+        assert_eq!(call(&app, "POST", "/tickets/1", Some(&good)).await.status, 403);
+        assert_eq!(call(&app, "GET", "/nowhere", Some(&good)).await.status, 404);
+        assert_eq!(call(&app, "GET", "/recordings//1", Some(&good)).await.status, 400);
+
+        let text = scrape(&app).await;
+        let allowed = 2.0;
+        let expect = [
+            (requests("recordings-read", "read", "allowed", "none", "2xx"), allowed),
+            (requests("recordings-read", "read", "unauthorized", "revoked", "4xx"), 1.0),
+            (requests("recordings-read", "read", "unauthorized", "missing", "4xx"), 1.0),
+            (requests("recordings-read", "read", "unauthorized", "malformed", "4xx"), 1.0),
+            // An unknown prefix and a wrong secret are both `unknown`.
+            (requests("recordings-read", "read", "unauthorized", "unknown", "4xx"), 2.0),
+            (requests("recordings-read", "read", "unauthorized", "expired", "4xx"), 1.0),
+            (requests("tickets", "write", "forbidden", "insufficient_scope", "4xx"), 1.0),
+            (requests("(none)", "read", "not_found", "none", "4xx"), 1.0),
+            (requests("(none)", "read", "bad_request", "none", "4xx"), 1.0),
+        ];
+        for (series, value) in &expect {
+            assert_eq!(sample(&text, series), Some(*value), "{series} in:\n{text}");
+        }
+        assert!(!text.contains(&good[..8]), "a key prefix must never be a label");
+        assert!(!text.contains("billing"), "no account label unless turned on");
+
+        // One argon2 run for the good key, one for the forged secret; the repeat was cached.
+        assert_eq!(sample(&text, "keygate_argon2_duration_seconds_count"), Some(2.0), "{text}");
+        assert!(sample(&text, "keygate_verification_cache_hits_total").expect("hits") >= 2.0);
+        assert!(sample(&text, "keygate_verification_cache_misses_total").expect("misses") >= 2.0);
+        assert_eq!(sample(&text, r#"keygate_table_keys{kind="service_account"}"#), Some(3.0));
+        assert_eq!(sample(&text, r#"keygate_table_keys{kind="gateway"}"#), Some(0.0));
+        assert_eq!(sample(&text, "keygate_table_loaded"), Some(1.0));
+        assert!(sample(&text, "keygate_table_age_seconds").expect("age") < 5.0);
+        assert!(sample(&text, "keygate_table_refresh_duration_seconds_count").expect("refreshes") >= 1.0);
+        assert_eq!(sample(&text, "keygate_requests_in_flight"), Some(0.0));
+        assert_eq!(
+            sample(&text, r#"keygate_upstream_duration_seconds_count{route="recordings-read"}"#),
+            Some(allowed)
+        );
+        // Every request above was timed, whatever its outcome.
+        assert_eq!(sample(&text, "keygate_auth_duration_seconds_count"), Some(11.0));
+        assert_eq!(
+            sample(&text, &format!(r#"keygate_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))),
+            Some(1.0)
+        );
+
+        // The last-used writer flushes within its interval and is timed.
+        let started = Instant::now();
+        loop {
+            let text = scrape(&app).await;
+            if sample(&text, r#"keygate_queue_flush_duration_seconds_count{queue="last_used"}"#) >= Some(1.0) {
+                assert_eq!(sample(&text, r#"keygate_queue_depth{queue="last_used"}"#), Some(0.0));
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "no last_used flush counted:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let out = promtool(&["check", "metrics"], Some(&text));
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics found problems:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connection_errors_and_timeouts_are_counted_per_route() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    // Nothing listens there any more: connections are refused.
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        AppOptions {
+            upstream_timeout: "300ms",
+            extra_toml: format!(
+                "[[routes]]\nname = \"dead\"\npath_prefix = \"/dead\"\nupstream = \"http://{closed}\"\nscope = \"tickets:write\"\n"
+            ),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let account = app.create_account("ops").await;
+    let key = app.create_key(&account, "k", &["tickets:write"]).await;
+    let key = key.key.expose();
+    assert_eq!(call(&app, "POST", "/dead/x", Some(key)).await.status, 502);
+    assert_eq!(
+        call(&app, "POST", "/tickets/slow?ms=2000", Some(key))
+            .await
+            .status,
+        504
+    );
+    let text = scrape(&app).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"keygate_upstream_errors_total{kind="connect",route="dead"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"keygate_upstream_errors_total{kind="timeout",route="tickets"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &requests("dead", "write", "upstream_error", "unreachable", "5xx")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &requests("tickets", "write", "upstream_error", "timeout", "5xx")
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_account_labels_appear_only_when_the_operator_turns_them_on() {
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        AppOptions {
+            extra_toml: "[metrics]\nper_account_labels = true\n".into(),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let account = app.create_account("billing").await;
+    let key = app.create_key(&account, "k", &["recordings:read"]).await;
+    assert_eq!(
+        call(&app, "GET", "/recordings/1", Some(key.key.expose()))
+            .await
+            .status,
+        200
+    );
+    let text = scrape(&app).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"keygate_account_requests_total{account="billing",outcome="allowed"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_check_rules_and_their_unit_tests() {
+    let path = repo("deploy/prometheus/keygate-alerts.yml");
+    let out = promtool(
+        &["check", "rules", path.to_str().expect("utf-8 path")],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "promtool check rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SUCCESS"), "{text}");
+
+    // The rules' own unit tests: each alert fires on the series it is meant for, not before.
+    let tests = repo("deploy/prometheus/keygate-alerts.test.yml");
+    let out = promtool(
+        &["test", "rules", tests.to_str().expect("utf-8 path")],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = read("deploy/prometheus/keygate-alerts.yml");
+    for alert in [
+        "KeygateHighUnauthorizedRate",
+        "KeygateHighForbiddenRate",
+        "KeygateKeyTableStale",
+        "KeygateKeyTableRefreshFailing",
+        "KeygateQueueDroppingRecords",
+        "KeygateUpstreamErrors",
+    ] {
+        assert!(
+            rules.contains(&format!("alert: {alert}")),
+            "{alert} missing"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_alerts_and_metrics_reference_match_a_live_scrape() {
+    let app = spawn_app(Engine::Sqlite).await;
+    let account = app.create_account("billing").await;
+    let key = app.create_key(&account, "k", &["recordings:read"]).await;
+    call(&app, "GET", "/recordings/1", Some(key.key.expose())).await;
+    call(&app, "GET", "/recordings/1", None).await;
+    let text = scrape(&app).await;
+    let mut live = families(&text);
+    assert!(live.len() >= 20, "{live:?}");
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/keygate-dashboard.json"))
+            .expect("the dashboard is valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queried = BTreeSet::new();
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("each target has an expr");
+            queried.extend(metric_names(expr));
+        }
+    }
+    assert!(queried.len() >= 12, "{queried:?}");
+    for name in &queried {
+        assert!(
+            family_of(name, &live).is_some(),
+            "the dashboard queries `{name}`, which a live scrape does not have"
+        );
+    }
+
+    let rules = read("deploy/prometheus/keygate-alerts.yml");
+    for name in metric_names(&rules) {
+        assert!(
+            family_of(&name, &live).is_some(),
+            "an alert rule queries `{name}`, which a live scrape does not have"
+        );
+    }
+
+    // The reference documents every family, including the opt-in per-account one.
+    live.insert("keygate_account_requests_total".into());
+    let reference = read("docs/reference/metrics.md");
+    for name in &live {
+        assert!(
+            reference.contains(&format!("`{name}`")),
+            "docs/reference/metrics.md does not document `{name}`"
+        );
+    }
+    for name in metric_names(&reference) {
+        assert!(
+            family_of(&name, &live).is_some() || name.starts_with("keygate_requests_total"),
+            "docs/reference/metrics.md names `{name}`, which keygate does not export"
+        );
+    }
+}
+
+#[test]
+fn the_configuration_reference_covers_every_setting_of_the_example() {
+    let example: toml::Table =
+        toml::from_str(&read("config.example.toml")).expect("the example is TOML");
+    let reference = read("docs/reference/configuration.md");
+    let mut checked = 0;
+    for (section, value) in &example {
+        match value {
+            toml::Value::Table(settings) => {
+                for setting in settings.keys() {
+                    let name = format!("`{section}.{setting}`");
+                    assert!(
+                        reference.contains(&name),
+                        "{name} is not in the configuration reference"
+                    );
+                    checked += 1;
+                }
+            }
+            toml::Value::Array(routes) => {
+                for route in routes {
+                    for field in route.as_table().expect("route table").keys() {
+                        let name = format!("`{section}[].{field}`");
+                        assert!(
+                            reference.contains(&name),
+                            "{name} is not in the configuration reference"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+            _ => panic!("config.example.toml: `{section}` is not a section"),
+        }
+    }
+    assert!(checked >= 25, "only {checked} settings found");
+}
+
+/// The `keygate.toml: |` block of the ConfigMap, de-indented.
+fn configmap_toml(manifest: &str) -> String {
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "keygate.toml: |");
+    lines.next().expect("the ConfigMap has keygate.toml");
+    let body: Vec<&str> = lines
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .collect();
+    body.iter()
+        .map(|l| l.get(4..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The number after `key:` on the first line that has it.
+fn yaml_number(manifest: &str, key: &str) -> u64 {
+    manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("`{key}` not found in the manifest"))
+}
+
+#[test]
+fn the_kubernetes_kit_agrees_with_its_own_configuration() {
+    let manifest = read("deploy/kubernetes/keygate.yaml");
+    let config = Config::from_toml(
+        &configmap_toml(&manifest),
+        "ConfigMap keygate.toml",
+        [(
+            "KEYGATE_DATABASE_URL".to_string(),
+            "postgres://keygate:secret@db/keygate".to_string(),
+        )],
+    )
+    .expect("the ConfigMap's keygate.toml is a valid configuration");
+
+    let grace = config.proxy.shutdown_grace.as_secs();
+    let pre_stop = yaml_number(&manifest, "seconds:");
+    let termination = yaml_number(&manifest, "terminationGracePeriodSeconds:");
+    assert!(
+        termination >= pre_stop + grace,
+        "terminationGracePeriodSeconds {termination} must cover the preStop sleep {pre_stop}s and proxy.shutdown_grace {grace}s"
+    );
+    assert_eq!(
+        yaml_number(&manifest, "- containerPort:"),
+        u64::from(config.proxy.listen.port()),
+        "the first container port is keygate's proxy port"
+    );
+    let admin_port = config.admin.listen.port().to_string();
+    for probe in ["path: /readyz", "path: /healthz"] {
+        assert!(manifest.contains(probe), "{probe} probe missing");
+    }
+    assert!(manifest.contains(&format!("containerPort: {admin_port}")));
+    assert!(
+        config.proxy.listen.ip().is_unspecified() && config.admin.listen.ip().is_unspecified(),
+        "in a pod keygate must listen on the pod address for the Service and the kubelet"
+    );
+    for needle in [
+        "name: KEYGATE_DATABASE_URL",
+        "secretKeyRef:",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "kind: Service",
+        "targetPort: proxy",
+        "requests:",
+    ] {
+        assert!(
+            manifest.contains(needle),
+            "`{needle}` missing from the manifest"
+        );
+    }
+    // The upstream is only reachable through keygate: it listens on loopback.
+    for route in &config.routes {
+        assert_eq!(
+            route.upstream.authority.host(),
+            "127.0.0.1",
+            "{}",
+            route.name
+        );
+    }
+
+    let unit = read("deploy/systemd/keygate.service");
+    let stop = yaml_number(&unit.replace('=', ": "), "TimeoutStopSec:");
+    assert!(
+        stop > Config::default().proxy.shutdown_grace.as_secs(),
+        "TimeoutStopSec must exceed the default shutdown_grace"
+    );
+    for needle in [
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "DynamicUser=yes",
+    ] {
+        assert!(unit.contains(needle), "`{needle}` missing from the unit");
+    }
+}
+
+/// `keygate serve` as a child process with its stderr captured.
+struct Binary {
+    child: Child,
+    proxy: u16,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Binary {
+    async fn start(
+        db_url: &str,
+        upstream: std::net::SocketAddr,
+        extra: &str,
+        args: &[&str],
+        rust_log: Option<&str>,
+    ) -> Binary {
+        let (proxy, admin) = (free_port(), free_port());
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 [database]\nurl = \"{db_url}\"\nrefresh_interval = \"100ms\"\n[last_used]\nflush_interval = \"200ms\"\n\
+                 [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
+                standard_routes(upstream)
+            ),
+        )
+        .expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.arg("--config").arg(&config).args(args).arg("serve");
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keygate serve");
+        let binary = Binary {
+            child,
+            proxy,
+            config,
+            _dir: dir,
+        };
+        let c = client();
+        let started = Instant::now();
+        loop {
+            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(empty())
+                .expect("req");
+            if let Ok(r) = c.request(req).await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "keygate serve did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        binary
+    }
+
+    /// Runs a CLI command against the same configuration; returns (stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .output()
+            .expect("run keygate");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "keygate {args:?} failed: {stderr}");
+        (stdout, stderr)
+    }
+
+    async fn get(&self, path: &str, key: &str) -> http::StatusCode {
+        let req = http::Request::get(format!("http://127.0.0.1:{}{path}", self.proxy))
+            .header("authorization", format!("Bearer {key}"))
+            .body(empty())
+            .expect("req");
+        send_with(&client(), req).await.status
+    }
+
+    /// SIGTERM, wait for exit 0, return stderr.
+    fn stop(mut self) -> String {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    e.read_to_string(&mut err).expect("read stderr");
+                }
+                assert!(status.success(), "keygate exited with {status}:\n{err}");
+                return err;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keygate did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test database's URL with a password in it: PostgreSQL on trust auth ignores it, so it
+/// reaches the driver and every place that could log it.
+fn with_password(url: &str, password: &str) -> String {
+    if !url.starts_with("postgres") {
+        return url.to_string();
+    }
+    let (scheme, rest) = url.split_once("://").expect("url");
+    let (userinfo, host) = rest
+        .split_once('@')
+        .expect("the test PostgreSQL URL names a user");
+    let user = userinfo.split(':').next().expect("user");
+    format!("{scheme}://{user}:{password}@{host}")
+}
+
+both_engines! {
+    async fn no_log_line_at_trace_level_holds_a_key_its_hash_or_the_database_password(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let upstream = Upstream::start().await;
+        let password = format!("Pw{}", random_hex(12));
+        let url = with_password(&db.url, &password);
+        let binary = Binary::start(&url, upstream.addr, "", &["--log-format", "json"], Some("trace")).await;
+
+        let mut cli_logs = String::new();
+        let (_, e) = binary.cli(&["account", "create", "billing"]);
+        cli_logs.push_str(&e);
+        let mut keys = Vec::new();
+        for name in ["current", "old"] {
+            let (out, e) = binary.cli(&["key", "create", "--account", "billing", "--name", name, "--scope", "recordings:read", "--json"]);
+            cli_logs.push_str(&e);
+            let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+            keys.push(created["key"].as_str().expect("key").to_string());
+        }
+        let (good, old) = (keys[0].clone(), keys[1].clone());
+
+        let started = Instant::now();
+        while binary.get("/recordings/1", &good).await != 200 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the new key never worked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(binary.get("/recordings/2", &good).await, 200);
+        let started = Instant::now();
+        while binary.get("/recordings/1", &old).await != 200 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the second key never worked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_, e) = binary.cli(&["key", "revoke", &old[..8]]);
+        cli_logs.push_str(&e);
+        let started = Instant::now();
+        while binary.get("/recordings/1", &old).await != 401 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the revoked key kept working");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let wrong = forge(&good[..8]);
+        assert_eq!(binary.get("/recordings/1", &wrong).await, 401);
+        assert_eq!(binary.get("/recordings/1", &wrong).await, 401);
+        let mut typo = good.clone();
+        typo.replace_range(20..21, if &good[20..21] == "a" { "b" } else { "a" });
+        assert_eq!(binary.get("/recordings/1", &typo).await, 401);
+        // Let a last_used flush and a few refreshes happen at trace level.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        let store = Store::connect(&DatabaseUrl::new(db.url.clone()).expect("url"), 1).await.expect("store");
+        let hashes: Vec<String> = store
+            .table_rows(i64::MIN)
+            .await
+            .expect("rows")
+            .into_iter()
+            .filter_map(|r| r.key_hash)
+            .collect();
+        store.close().await;
+        assert_eq!(hashes.len(), 2);
+
+        let logs = binary.stop() + &cli_logs;
+        let lines: Vec<&str> = logs.lines().collect();
+        // At this filter every SQL statement is logged (sqlx, debug): the lines that could leak.
+        assert!(lines.len() > 30, "trace logging produced only {} lines", lines.len());
+        assert!(logs.contains(r#""target":"sqlx::query""#), "no statement was logged:\n{logs}");
+        let mut secrets: Vec<(&str, String)> = Vec::new();
+        for key in [&good, &old, &wrong, &typo] {
+            secrets.push(("a key", key.clone()));
+            secrets.push(("a key's secret part", key[9..41].to_string()));
+        }
+        for hash in &hashes {
+            secrets.push(("an argon2 hash", hash.clone()));
+            let digest = hash.rsplit('$').next().expect("hash part");
+            secrets.push(("an argon2 digest", digest.to_string()));
+        }
+        if engine == Engine::Postgres {
+            secrets.push(("the database password", password.clone()));
+        }
+        for line in &lines {
+            for (what, secret) in &secrets {
+                assert!(!line.contains(secret.as_str()), "a log line contains {what}: {line}");
+            }
+        }
+
+        // The access lines are JSON with every field an operator needs.
+        let access: Vec<serde_json::Value> = lines
+            .iter()
+            .filter(|l| l.contains("keygate::access"))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert!(access.len() >= 6, "{} access lines", access.len());
+        let allowed = access
+            .iter()
+            .find(|v| v["outcome"] == "allowed")
+            .expect("an allowed request was logged");
+        for field in ["request_id", "route", "method", "status", "outcome", "key_prefix", "account", "auth_us", "upstream_ms"] {
+            assert!(!allowed[field].is_null(), "access line without `{field}`: {allowed}");
+        }
+        assert_eq!(allowed["account"], "billing");
+        assert_eq!(allowed["key_prefix"], &good[..8]);
+        assert!(access.iter().any(|v| v["reason"] == "revoked"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_reads_as_text_by_default_and_can_be_turned_off() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let upstream = Upstream::start().await;
+
+    let on = Binary::start(&db.url, upstream.addr, "", &[], None).await;
+    assert_eq!(on.get("/recordings/1", "kgs_nothing").await, 401);
+    let logs = strip_ansi(&on.stop());
+    let line = logs
+        .lines()
+        .find(|l| l.contains("keygate::access"))
+        .unwrap_or_else(|| panic!("no access line at the default level:\n{logs}"));
+    assert!(
+        serde_json::from_str::<serde_json::Value>(line).is_err(),
+        "text by default: {line}"
+    );
+    for field in [
+        "request_id=",
+        "route=\"recordings-read\"",
+        "auth_us=",
+        "status=401",
+        "outcome=\"unauthorized\"",
+        "reason=\"malformed\"",
+    ] {
+        assert!(line.contains(field), "`{field}` missing: {line}");
+    }
+
+    let off = Binary::start(
+        &db.url,
+        upstream.addr,
+        "[log]\naccess_log = false",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(off.get("/recordings/1", "kgs_nothing").await, 401);
+    let logs = off.stop();
+    assert!(logs.contains("keygate started"), "{logs}");
+    assert!(
+        !logs.contains("keygate::access"),
+        "access_log = false still logs requests:\n{logs}"
+    );
+}
+
+/// Text without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
