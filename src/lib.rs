@@ -7,11 +7,12 @@
 //! Layout (dependencies point downwards only):
 //!
 //! ```text
-//! cli        command-line front end (serve, migrate, config, account, key)
+//! cli        command-line front end (serve, migrate, config, account, key, user)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
-//! admin      control-plane listener: health and readiness
-//! manage     control-plane operations shared by the CLI and the admin API (issue, revoke)
+//! admin      control-plane listener: health, the console and its JSON API, sessions
+//! manage     control-plane operations shared by the CLI and the admin API (issue, revoke,
+//!            replace, users)
 //! sync       keeps the in-memory key table in step with the database
 //! usage      last-used stamping, batched off the request path
 //! store      the only module that talks to a database (SQLite or PostgreSQL)

@@ -15,6 +15,7 @@ use crate::admin::{self, AdminState};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::{KeyTable, Verifier};
+use crate::manage::Manager;
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
 use crate::sync;
@@ -27,6 +28,8 @@ pub struct Keygate {
     pub table: Arc<KeyTable>,
     pub store: Store,
     pub proxy: Arc<ProxyState>,
+    /// The one-time console setup link, while no user exists (also logged at start).
+    pub setup_url: Option<String>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -45,6 +48,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Admin(String),
 }
 
 /// Binds the proxy and admin listeners from the configuration.
@@ -86,15 +91,30 @@ pub async fn start(
         usage.clone(),
         clock.clone(),
     ));
-    let admin_state = Arc::new(AdminState {
-        table: table.clone(),
-        clock: clock.clone(),
-    });
+    let manager = Arc::new(
+        Manager::new(store.clone(), config.hashing, clock.clone())
+            .map_err(|e| StartError::Admin(e.to_string()))?,
+    );
+    let admin_state = Arc::new(AdminState::new(
+        config,
+        table.clone(),
+        clock.clone(),
+        manager.clone(),
+    ));
 
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
     let proxy_addr = proxy::local_addr(&proxy_listener);
     let admin_addr = proxy::local_addr(&admin_listener);
+    let setup_url = admin_state
+        .offer_setup(admin_addr)
+        .await
+        .map_err(|e| StartError::Admin(e.to_string()))?;
+    if let Some(url) = &setup_url {
+        tracing::warn!(
+            "no console user exists yet: open {url} to create the owner (the link works once)"
+        );
+    }
 
     let background = vec![
         tokio::spawn(sync::run(
@@ -107,6 +127,11 @@ pub async fn start(
         tokio::spawn(usage.run(
             store.clone(),
             config.last_used.flush_interval,
+            stop_background.clone(),
+        )),
+        tokio::spawn(admin::run_auto_retire(
+            manager,
+            config.database.refresh_interval,
             stop_background.clone(),
         )),
     ];
@@ -137,6 +162,7 @@ pub async fn start(
         table,
         store,
         proxy: proxy_state,
+        setup_url,
         stop_accepting,
         stop_background,
         listeners,

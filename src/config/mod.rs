@@ -43,6 +43,12 @@ pub struct ProxyConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Mark the console's session cookie `Secure` (serve the admin listener behind TLS).
+    pub secure_cookies: bool,
+    /// A console session unused this long ends; the next request must log in again.
+    pub session_idle_timeout: Duration,
+    /// Keys unused this long are flagged as stale in the console and the API.
+    pub stale_after: Duration,
 }
 
 #[derive(Clone, Debug)]

@@ -61,12 +61,18 @@ impl Default for RawProxy {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     listen: String,
+    secure_cookies: bool,
+    session_idle_timeout: String,
+    stale_after: String,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: "127.0.0.1:9090".into(),
+            secure_cookies: false,
+            session_idle_timeout: "30m".into(),
+            stale_after: "30d".into(),
         }
     }
 }
@@ -224,8 +230,16 @@ impl RawConfig {
             header_read_timeout: duration("proxy.header_read_timeout", &p.header_read_timeout, MS)?,
             shutdown_grace: duration("proxy.shutdown_grace", &p.shutdown_grace, Duration::ZERO)?,
         };
+        let a = &self.admin;
         let admin = AdminConfig {
-            listen: socket_addr("admin.listen", &self.admin.listen)?,
+            listen: socket_addr("admin.listen", &a.listen)?,
+            secure_cookies: a.secure_cookies,
+            session_idle_timeout: duration(
+                "admin.session_idle_timeout",
+                &a.session_idle_timeout,
+                Duration::from_secs(1),
+            )?,
+            stale_after: duration("admin.stale_after", &a.stale_after, Duration::from_secs(1))?,
         };
         if admin.listen == proxy.listen && proxy.listen.port() != 0 {
             return Err(ConfigError::new(

@@ -75,6 +75,9 @@ macro_rules! insert_audit {
     };
 }
 
+mod admin;
+pub use admin::{AuditFilter, AuditRecord, NewSession, SessionRecord, User};
+
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Account {
     pub id: i64,
@@ -99,6 +102,12 @@ pub struct KeyRecord {
     pub revoked_at: Option<i64>,
     pub revoked_by: Option<String>,
     pub last_used_at: Option<i64>,
+    /// The client address of a recent use (recorded with the last-used stamp).
+    pub last_client_addr: Option<String>,
+    /// The key that replaced this one, when it was rotated with "Create replacement".
+    pub replaced_by: Option<i64>,
+    /// Auto-retire: revoke once the replacement carried traffic and this key idled this long.
+    pub retire_after_idle_ms: Option<i64>,
 }
 
 /// A key about to be stored.
@@ -145,7 +154,8 @@ struct TableRow {
 
 const KEY_RECORD: &str =
     "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.name, k.scopes,
-        k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by, k.last_used_at
+        k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by, k.last_used_at,
+        k.last_client_addr, k.replaced_by, k.retire_after_idle_ms
    FROM api_keys k JOIN service_accounts a ON a.id = k.account_id";
 
 impl Store {

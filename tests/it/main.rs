@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admin_api;
 mod cli;
 mod proxy;
 mod store;
