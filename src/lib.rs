@@ -15,6 +15,7 @@
 //!            replace, users)
 //! sync       keeps the in-memory key table in step with the database
 //! usage      last-used stamping, batched off the request path
+//! audit      proxied-request audit records, batched off the request path
 //! store      the only module that talks to a database (SQLite or PostgreSQL)
 //! keys       pure: key format, hashing, the key table, verification with its cache
 //! config     file and environment → validated configuration
@@ -23,6 +24,7 @@
 //! ```
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -129,6 +129,11 @@ pub async fn start(
             config.last_used.flush_interval,
             stop_background.clone(),
         )),
+        tokio::spawn(proxy_state.audit.clone().run(
+            store.clone(),
+            config.last_used.flush_interval,
+            stop_background.clone(),
+        )),
         tokio::spawn(admin::run_auto_retire(
             manager,
             config.database.refresh_interval,

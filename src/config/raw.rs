@@ -176,6 +176,8 @@ struct RawRoute {
     methods: Vec<String>,
     upstream: String,
     scope: String,
+    #[serde(default)]
+    audit: Option<String>,
 }
 
 /// Applies `KEYGATE_<SECTION>_<SETTING>=value` variables on top of the file. Values are read as
@@ -401,12 +403,24 @@ fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
         }
         let upstream = upstream(&r.upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
         let scope = Scope::new(&r.scope).map_err(|m| ConfigError::new(at("scope"), m))?;
+        let audit = match r.audit.as_deref() {
+            None | Some("writes") => AuditMode::Writes,
+            Some("none") => AuditMode::None,
+            Some("all") => AuditMode::All,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    at("audit"),
+                    format!("`{other}` is not one of: none, writes, all"),
+                ))
+            }
+        };
         let route = RouteConfig {
             name: r.name.clone(),
             path_prefix,
             methods,
             upstream,
             scope,
+            audit,
         };
         if let Some(other) = routes
             .iter()

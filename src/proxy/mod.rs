@@ -8,7 +8,9 @@
 //! 6. scope check (403 naming the scope),
 //! 7. strip the key, hop-by-hop and spoofed headers; add identity and forwarding headers,
 //! 8. forward and stream both ways (502/504 on upstream failure),
-//! 9. record the use in memory and write one access-log line.
+//! 9. record the use (and client address) in memory, queue an audit record when the route
+//!    audits the method, add `X-Keygate-Key-Expires-At` while the key has an expiry ahead,
+//!    and write one access-log line.
 //!
 //! Nothing on this path waits on the database.
 
@@ -37,6 +39,7 @@ pub use headers::{extract_key, strip_hop_by_hop, strip_request, CredentialError,
 pub use path::{canonical_path, PathError};
 pub use route::{Route, Router};
 
+use crate::audit::AuditQueue;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::{KeyTable, Verifier};
@@ -46,6 +49,8 @@ use upstream::UpstreamClient;
 /// Everything the request path reads.
 pub struct ProxyState {
     pub router: Router,
+    /// Proxied requests by service accounts, waiting to be audited.
+    pub audit: Arc<AuditQueue>,
     pub table: Arc<KeyTable>,
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
@@ -66,6 +71,7 @@ impl ProxyState {
     ) -> Self {
         ProxyState {
             router: Router::new(&config.routes),
+            audit: Arc::new(AuditQueue::new(crate::audit::DEFAULT_CAPACITY)),
             table,
             verifier,
             usage,

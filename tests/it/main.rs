@@ -6,4 +6,5 @@ mod harness;
 mod admin_api;
 mod cli;
 mod proxy;
+mod rotation;
 mod store;
