@@ -5,6 +5,7 @@ mod harness;
 
 mod admin_api;
 mod cli;
+mod console;
 mod proxy;
 mod rotation;
 mod store;

@@ -11,6 +11,8 @@ document.addEventListener("DOMContentLoaded", () => {
     button.addEventListener("click", () => button.closest("dialog").close());
   }
   for (const dialog of document.querySelectorAll("dialog[data-open]")) {
+    // The page answering a create form shows the key; a reload must not post the form again.
+    if (dialog.dataset.return) history.replaceState(null, "", dialog.dataset.return);
     dialog.showModal();
   }
   for (const button of document.querySelectorAll("[data-copy]")) {
