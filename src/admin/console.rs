@@ -657,7 +657,11 @@ async fn audit_page(
             .map(|r| AuditView {
                 at: human_time(r.at),
                 actor_type: r.actor_type.clone(),
-                actor: r.actor_id.clone().unwrap_or_default(),
+                actor: match (r.actor_type.as_str(), &r.actor_id) {
+                    ("user" | "setup", Some(id)) => format!("user #{id}"),
+                    (_, Some(id)) => id.clone(),
+                    (_, None) => String::new(),
+                },
                 action: r.action.clone(),
                 key_prefix: r.key_prefix.clone().unwrap_or_default(),
                 scopes: r

@@ -172,24 +172,22 @@ pub async fn start(
             client_addr,
         })
         .await?;
-    let secure = if state.secure_cookies { "; Secure" } else { "" };
-    let cookie = format!("{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict{secure}");
-    let value = HeaderValue::from_str(&cookie)
+    let value = HeaderValue::from_str(&set_cookie(&token, state.secure_cookies))
         .map_err(|_| AdminError::Invalid("cannot build the session cookie".into()))?;
     Ok((value, csrf_token))
 }
 
+/// The `Set-Cookie` value for a session token: never readable by scripts, never sent by
+/// another site, and `Secure` when `[admin] secure_cookies` says the console is behind TLS.
+pub fn set_cookie(token: &str, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict{secure}")
+}
+
 /// A `Set-Cookie` value that removes the session cookie.
 pub fn clear_cookie(state: &AdminState) -> HeaderValue {
-    if state.secure_cookies {
-        HeaderValue::from_static(
-            "keygate_session=; Path=/admin; HttpOnly; SameSite=Strict; Secure; Max-Age=0",
-        )
-    } else {
-        HeaderValue::from_static(
-            "keygate_session=; Path=/admin; HttpOnly; SameSite=Strict; Max-Age=0",
-        )
-    }
+    let value = set_cookie("", state.secure_cookies) + "; Max-Age=0";
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("keygate_session=; Max-Age=0"))
 }
 
 /// Failed-login throttling, in memory: counts per email and per client address.
@@ -286,6 +284,18 @@ mod tests {
         );
         assert_eq!(cookie(&h, COOKIE), Some("abc"));
         assert_eq!(cookie(&h, "b"), None);
+    }
+
+    #[test]
+    fn the_cookie_is_http_only_strict_and_secure_when_configured() {
+        assert_eq!(
+            set_cookie("t", false),
+            "keygate_session=t; Path=/admin; HttpOnly; SameSite=Strict"
+        );
+        assert_eq!(
+            set_cookie("t", true),
+            "keygate_session=t; Path=/admin; HttpOnly; SameSite=Strict; Secure"
+        );
     }
 
     #[test]

@@ -114,7 +114,10 @@ impl Store {
             .await
             .map_err(|e| conflict(e, || format!("a user with email `{email}` already exists")))?;
             let mut audit = audit.clone();
-            audit.actor_id = audit.actor_id.or_else(|| Some(user.id.to_string()));
+            // The setup link has no actor yet: the new owner is its own actor.
+            if audit.actor_type == "setup" {
+                audit.actor_id = Some(user.id.to_string());
+            }
             insert_audit!(&mut *tx, audit).await?;
             tx.commit().await?;
             user

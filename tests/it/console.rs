@@ -208,6 +208,8 @@ both_engines! {
         // The audit log holds prefixes and scopes, and no key.
         b.c().goto(&format!("{admin}/admin/audit")).await.expect("audit page");
         let page = b.css("#audit").await.text().await.expect("audit text");
+        let shot = b.screenshot(&format!("console-audit-{engine:?}")).await;
+        eprintln!("screenshot: {}", shot.display());
         assert!(page.contains(&new_key[..8]) && page.contains(&old_prefix), "{page}");
         let audit = app.manager.store.audit(100).await.expect("audit");
         let created = audit.iter().find(|a| a.key_prefix.as_deref() == Some(&new_key[..8]) && a.detail.contains("key.created")).expect("creation audited");
@@ -242,6 +244,51 @@ both_engines! {
         for button in buttons {
             assert!(!button.is_enabled().await.expect("state"), "a change button is enabled");
         }
+        b.close().await;
+    }
+}
+
+both_engines! {
+    async fn create_replacement_in_the_console_shows_old_and_new_side_by_side(engine: Engine) {
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Owner).await;
+        let account = app.create_account("billing").await;
+        let old = app.create_key(&account, "primary", &["recordings:read", "tickets:write"]).await;
+        assert_eq!(app.get("/recordings/1", Some(old.key.expose())).await.status, 200);
+        let admin = format!("http://{}", app.admin_addr);
+        let b = Browser::start().await;
+        b.c().goto(&format!("{admin}/admin/login")).await.expect("login page");
+        b.css("#email").await.send_keys("ada@example.com").await.expect("type");
+        b.css("#password").await.send_keys(PASSWORD).await.expect("type");
+        b.css("#submit").await.click().await.expect("log in");
+        b.css("#new-account-button").await;
+        b.c().goto(&format!("{admin}/admin/service-accounts/{}", account.id)).await.expect("account");
+
+        let row = format!("tr[data-prefix='{}']", old.key.prefix());
+        b.css(&format!("{row} button[data-dialog='replace-{}']", old.record.id)).await.click().await.expect("open");
+        let dialog = format!("#replace-{}", old.record.id);
+        b.css(&format!("{dialog} select[name='retire_after_idle']")).await.select_by_value("1h").await.expect("select");
+        b.css(&format!("{dialog} button[type='submit']")).await.click().await.expect("create replacement");
+        let new_key = b.css("#new-key").await.text().await.expect("key");
+        b.css("#close-key").await.click().await.expect("close");
+
+        let panel = b.css(".rotation").await.text().await.expect("panel");
+        assert!(panel.contains(old.key.prefix().as_str()) && panel.contains(&new_key[..8]), "{panel}");
+        assert!(panel.contains("idle for 1h"), "{panel}");
+        let status = b.css(&format!("{row} .badge")).await.text().await.expect("status");
+        assert_eq!(status, "expiring", "the old key got its window");
+        let shot = b.screenshot(&format!("console-replacement-{engine:?}")).await;
+        eprintln!("screenshot: {}", shot.display());
+
+        let replaced = app.manager.store.key(old.record.id).await.expect("key").expect("exists");
+        let window = replaced.expires_at.expect("expiry") - keygate::clock::system_now_ms();
+        assert!((7 * 86_400_000 - 120_000..=7 * 86_400_000).contains(&window), "{window}");
+        assert_eq!(replaced.retire_after_idle_ms, Some(3_600_000));
+        let new = app.manager.store.key_by_prefix(&new_key[..8]).await.expect("key").expect("exists");
+        assert_eq!(new.scopes, "recordings:read tickets:write", "the same scopes");
+        app.wait_for_key(&new_key[..8]).await;
+        assert_eq!(app.get("/tickets/1", Some(&new_key)).await.status, 200);
+        assert_eq!(app.get("/recordings/1", Some(old.key.expose())).await.status, 200, "the old key works inside its window");
         b.close().await;
     }
 }

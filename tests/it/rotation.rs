@@ -239,3 +239,24 @@ both_engines! {
         assert_eq!(n, 3);
     }
 }
+
+both_engines! {
+    async fn an_emergency_rotation_revokes_first_and_the_new_key_works_at_once(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Admin).await;
+        let (account, old_id, old_key) = account_with_key(&app, &s, "billing", &["recordings:read"]).await;
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{old_id}/revoke"), &s, None).await;
+        assert_eq!(r.status, 200);
+        eventually(Duration::from_secs(5), "the leaked key is refused", || async {
+            app.get("/recordings/1", Some(&old_key)).await.status == 401
+        }).await;
+        let replace = change(&app, Method::POST, &format!("/admin/api/v1/keys/{old_id}/replace"), &s, Some(json!({"name": "x"}))).await;
+        assert_eq!(replace.status, 409, "a revoked key has no rotation window to give");
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/service-accounts/{account}/keys"), &s,
+            Some(json!({"name": "after-incident", "scopes": ["recordings:read"]}))).await;
+        assert_eq!(r.status, 201);
+        let new_key = r.json()["key"].as_str().expect("key").to_string();
+        app.wait_for_key(&new_key[..8]).await;
+        assert_eq!(app.get("/recordings/1", Some(&new_key)).await.status, 200);
+    }
+}
