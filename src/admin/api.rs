@@ -19,6 +19,7 @@ use super::error::AdminError;
 use super::session::{self, ApiUser, ClientAddr, CurrentUser};
 use super::AdminState;
 use crate::clock::{parse_duration_ms, parse_rfc3339, rfc3339};
+use crate::keys::{KeyKind, KeyPrefix};
 use crate::manage::{key_json, Password};
 use crate::store::{Account, AuditFilter, AuditRecord, KeyRecord};
 
@@ -205,9 +206,9 @@ async fn create_key(
 async fn show_key(
     State(state): State<Arc<AdminState>>,
     ApiUser(_): ApiUser,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
-    let record = key(&state, id).await?;
+    let record = key_ref(&state, &id).await?;
     Ok(Json(key_json(
         &record,
         state.clock.now_ms(),
@@ -218,11 +219,11 @@ async fn show_key(
 async fn revoke_key(
     State(state): State<Arc<AdminState>>,
     ApiUser(user): ApiUser,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, AdminError> {
     authorize_change(&user, &headers)?;
-    let record = key(&state, id).await?;
+    let record = key_ref(&state, &id).await?;
     let revoked = state.manager.revoke_key(&record, &user.actor()).await?;
     Ok(Json(key_json(
         &revoked,
@@ -234,7 +235,7 @@ async fn revoke_key(
 async fn update_key(
     State(state): State<Arc<AdminState>>,
     ApiUser(user): ApiUser,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, AdminError> {
@@ -249,7 +250,7 @@ async fn update_key(
             ))
         }
     };
-    let record = key(&state, id).await?;
+    let record = key_ref(&state, &id).await?;
     let updated = state
         .manager
         .set_expiry(&record, expires_at, &user.actor())
@@ -275,7 +276,7 @@ struct ReplaceBody {
 async fn replace_key(
     State(state): State<Arc<AdminState>>,
     ApiUser(user): ApiUser,
-    Path(id): Path<i64>,
+    Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AdminError> {
@@ -289,7 +290,7 @@ async fn replace_key(
         .map(parse_duration_ms)
         .transpose()
         .map_err(AdminError::Invalid)?;
-    let old = key(&state, id).await?;
+    let old = key_ref(&state, &id).await?;
     let (issued, old) = state
         .manager
         .replace_key(&old, &body.name, window_ms, retire, &user.actor())
@@ -456,6 +457,28 @@ pub(super) async fn key(state: &AdminState, id: i64) -> Result<KeyRecord, AdminE
         .key(id)
         .await?
         .ok_or_else(|| AdminError::NotFound(format!("no key with id {id}")))
+}
+
+/// `/keys/{key}` names a key by its id or by its prefix. A gateway's prefix is a conflict:
+/// gateway keys change only through pairing.
+async fn key_ref(state: &AdminState, key_ref: &str) -> Result<KeyRecord, AdminError> {
+    if let Ok(id) = key_ref.parse::<i64>() {
+        return key(state, id).await;
+    }
+    match KeyPrefix::parse(key_ref) {
+        Ok(p) if p.kind() == KeyKind::Gateway => Err(AdminError::Conflict(format!(
+            "`{key_ref}` is a gateway key: use the gateway unpair flow instead"
+        ))),
+        Ok(_) => state
+            .manager
+            .store
+            .key_by_prefix(key_ref)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("no key with prefix `{key_ref}`"))),
+        Err(_) => Err(AdminError::NotFound(format!(
+            "`{key_ref}` is neither a key id nor a key prefix"
+        ))),
+    }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {

@@ -197,11 +197,19 @@ struct LoginPage {
     error: Option<String>,
 }
 
+struct GatewayRow {
+    name: String,
+    prefix: String,
+    scopes: Vec<String>,
+    last_seen: String,
+}
+
 #[derive(Template)]
 #[template(path = "accounts.html")]
 struct AccountsPage {
     chrome: Chrome,
     accounts: Vec<AccountRow>,
+    gateways: Vec<GatewayRow>,
     error: Option<String>,
 }
 
@@ -374,9 +382,30 @@ async fn accounts_view(state: &AdminState, user: &CurrentUser, error: Option<Str
                 }
             })
             .collect();
+        let gateways = state
+            .manager
+            .store
+            .gateway_keys()
+            .await?
+            .into_iter()
+            .map(|g| GatewayRow {
+                name: g.name,
+                prefix: g.prefix,
+                scopes: g
+                    .scopes
+                    .split_ascii_whitespace()
+                    .map(str::to_string)
+                    .collect(),
+                last_seen: g
+                    .last_seen_at
+                    .map(human_time)
+                    .unwrap_or_else(|| "never".into()),
+            })
+            .collect();
         Ok::<_, AdminError>(AccountsPage {
             chrome: Chrome::new(user, "keys"),
             accounts: rows,
+            gateways,
             error,
         })
     }

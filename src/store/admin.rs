@@ -15,6 +15,17 @@ pub struct User {
     pub disabled_at: Option<i64>,
 }
 
+/// A paired gateway's key as the console lists it (managed by pairing, not here).
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct GatewayKey {
+    pub id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: String,
+    pub paired_at: Option<i64>,
+    pub last_seen_at: Option<i64>,
+}
+
 /// A session about to be stored: only the digest of the cookie token is kept.
 #[derive(Debug)]
 pub struct NewSession {
@@ -248,6 +259,18 @@ impl Store {
         .bind(f.until_ms)
         .bind(f.before_id)
         .bind(f.limit)
+        .fetch_all(pool)
+        .await)?)
+    }
+
+    // ---- gateways ---------------------------------------------------------------------
+
+    /// Keys held by paired gateways, for the keys list (read-only here).
+    pub async fn gateway_keys(&self) -> Result<Vec<GatewayKey>, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, GatewayKey>(
+            "SELECT id, name, prefix, scopes, paired_at, last_seen_at FROM gateways
+              WHERE prefix IS NOT NULL AND unpaired_at IS NULL ORDER BY name"
+        )
         .fetch_all(pool)
         .await)?)
     }

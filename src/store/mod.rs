@@ -76,7 +76,7 @@ macro_rules! insert_audit {
 }
 
 mod admin;
-pub use admin::{AuditFilter, AuditRecord, NewSession, SessionRecord, User};
+pub use admin::{AuditFilter, AuditRecord, GatewayKey, NewSession, SessionRecord, User};
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Account {

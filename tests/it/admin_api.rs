@@ -416,3 +416,34 @@ both_engines! {
         assert_eq!(keys["keys"][0]["stale"], true, "unused for 30 days");
     }
 }
+
+both_engines! {
+    async fn gateway_keys_are_listed_as_gateway_owned_and_cannot_be_revoked_here(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Owner).await;
+        let prefix = keygate::keys::generate(keygate::keys::KeyKind::Gateway).prefix().to_string();
+        // Pairing belongs to the gateway flow; a paired row is all this test needs.
+        let sql = "INSERT INTO gateways (name, prefix, api_key_hash, scopes, created_at, created_by, paired_at)
+                   VALUES ('edge-1', $1, '$argon2id$fake', 'recordings:read', 1, 'test', 1)";
+        match &app.manager.store {
+            keygate::store::Store::Sqlite(p) => { sqlx::query(sql).bind(&prefix).execute(p).await.expect("insert"); }
+            keygate::store::Store::Postgres(p) => { sqlx::query(sql).bind(&prefix).execute(p).await.expect("insert"); }
+        }
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{prefix}/revoke"), &s, None).await;
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert!(r.json()["message"].as_str().expect("message").contains("gateway unpair flow"));
+        let viewer = session_as(&app, Role::Viewer).await;
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{prefix}/revoke"), &viewer, None).await;
+        assert_eq!(r.status, 403, "the role check comes first");
+
+        let page = get(&app, "/admin/service-accounts", &s).await.text();
+        let row = &page[page.find(&format!("data-prefix=\"{prefix}\"")).expect("the gateway key is listed")..];
+        let row = &row[..row.find("</tr>").expect("row end")];
+        assert!(row.contains("gateway-owned") && row.contains("disabled") && row.contains("unpair"), "{row}");
+
+        // Service-account keys can be named by prefix as well as by id.
+        let (_, _, key) = account_with_key(&app, &s, "billing", &["recordings:read"]).await;
+        let r = get(&app, &format!("/admin/api/v1/keys/{}", &key[..8]), &s).await;
+        assert_eq!(r.json()["prefix"], &key[..8]);
+    }
+}
