@@ -327,4 +327,21 @@ mod tests {
         ));
         assert!(t.check("b@example.com", Some("10.0.0.1")).await.is_ok());
     }
+
+    #[tokio::test]
+    async fn failed_logins_are_throttled_per_client_address_across_emails() {
+        let t = Throttle::default();
+        for i in 0..MAX_FAILURES_PER_ADDR {
+            t.failed(&format!("user{i}@example.com"), Some("10.0.0.9"))
+                .await;
+        }
+        assert!(matches!(
+            t.check("fresh@example.com", Some("10.0.0.9")).await,
+            Err(AdminError::Throttled)
+        ));
+        assert!(t
+            .check("fresh@example.com", Some("10.0.0.10"))
+            .await
+            .is_ok());
+    }
 }

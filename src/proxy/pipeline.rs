@@ -14,17 +14,13 @@ use super::body::{IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
     extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding,
-    KeySource, X_REQUEST_ID,
+    KeySource, X_KEYGATE_KEY_EXPIRES_AT, X_REQUEST_ID,
 };
 use super::path::canonical_path;
 use super::route::Route;
 use super::ProxyState;
 use crate::audit::ProxiedRequest;
 use crate::keys::{self, KeyEntry, KeyKind, KeyPrefix, KeyState, VerifyError};
-
-/// Tells the caller when its key expires (RFC 3339), while it has an expiry ahead.
-pub static X_KEYGATE_KEY_EXPIRES_AT: http::HeaderName =
-    http::HeaderName::from_static("x-keygate-key-expires-at");
 
 /// What the pipeline learnt about a request, for the access log.
 #[derive(Default)]
