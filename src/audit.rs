@@ -1,7 +1,8 @@
 //! Audit of requests service accounts make through the proxy, off the request path: the
 //! pipeline pushes a small record into a bounded queue (one short lock, no I/O); a background
-//! task writes the queue in batches every flush interval and once more at shutdown. When the
-//! queue is full the record is dropped, counted, and the loss is logged at the next flush.
+//! task writes the queue with multi-row inserts every flush interval, as soon as a batch has
+//! filled, and once more at shutdown. When the queue is full the record is dropped, counted,
+//! and the loss is logged at the next flush.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,9 @@ use crate::store::{AuditEntry, Store, StoreError};
 /// Records waiting to be written, at most this many.
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
+/// A queue this long wakes the writer before its interval is up.
+const BATCH: usize = 1_000;
+
 /// One proxied request, as the pipeline hands it over.
 pub struct ProxiedRequest {
     pub at_ms: i64,
@@ -31,6 +35,8 @@ pub struct ProxiedRequest {
 pub struct AuditQueue {
     queue: Mutex<Vec<ProxiedRequest>>,
     capacity: usize,
+    /// Wakes the writer when a batch has filled.
+    batch_ready: tokio::sync::Notify,
     /// Records dropped since the last report.
     dropped: AtomicU64,
     /// Records dropped since start (tests, metrics).
@@ -42,6 +48,7 @@ impl AuditQueue {
         AuditQueue {
             queue: Mutex::new(Vec::new()),
             capacity,
+            batch_ready: tokio::sync::Notify::new(),
             dropped: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
         }
@@ -56,6 +63,11 @@ impl AuditQueue {
             self.dropped_total.fetch_add(1, Ordering::Relaxed);
         } else {
             queue.push(record);
+            let full = queue.len() == BATCH.min(self.capacity);
+            drop(queue);
+            if full {
+                self.batch_ready.notify_one();
+            }
         }
     }
 
@@ -86,7 +98,7 @@ impl AuditQueue {
             return Ok(0);
         }
         let entries: Vec<AuditEntry> = batch.iter().map(entry).collect();
-        match store.append_audit(&entries).await {
+        match store.append_audit_batch(&entries).await {
             Ok(()) => Ok(entries.len()),
             Err(e) => {
                 self.dropped_total
@@ -101,7 +113,7 @@ impl AuditQueue {
         }
     }
 
-    /// Flushes every `interval` until `shutdown`, then once more.
+    /// Flushes every `interval` and whenever a batch fills, until `shutdown`, then once more.
     pub async fn run(
         self: Arc<Self>,
         store: Store,
@@ -111,6 +123,7 @@ impl AuditQueue {
         loop {
             let stop = tokio::select! {
                 () = tokio::time::sleep(interval) => false,
+                () = self.batch_ready.notified() => false,
                 () = shutdown.cancelled() => true,
             };
             if let Ok(n) = self.flush(&store).await {
@@ -173,6 +186,34 @@ mod tests {
             status: 201,
             client: "127.0.0.1".parse().expect("ip"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_wakes_the_writer_before_its_interval() {
+        let url = crate::config::DatabaseUrl::new("sqlite::memory:").expect("url");
+        let store = Store::connect(&url, 1).await.expect("store");
+        store.migrate().await.expect("migrate");
+        let q = Arc::new(AuditQueue::new(DEFAULT_CAPACITY));
+        let stop = CancellationToken::new();
+        let writer = tokio::spawn(q.clone().run(
+            store.clone(),
+            Duration::from_secs(3600),
+            stop.clone(),
+        ));
+        for _ in 0..BATCH {
+            q.push(record());
+        }
+        let started = std::time::Instant::now();
+        while q.pending() > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the writer did not wake"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        writer.await.expect("writer");
+        assert_eq!(store.audit(5_000).await.expect("audit").len(), BATCH);
     }
 
     #[test]

@@ -263,6 +263,32 @@ impl Store {
         .await)?)
     }
 
+    /// Appends many audit entries with multi-row inserts (1,000 rows per statement) in one
+    /// transaction: what the proxied-request audit writer needs to keep up with traffic.
+    pub async fn append_audit_batch(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in entries.chunks(1_000) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_log (at, actor_type, actor_id, action, key_prefix, scopes, detail, client_addr) ",
+                );
+                q.push_values(chunk, |mut row, a| {
+                    row.push_bind(a.at)
+                        .push_bind(&a.actor_type)
+                        .push_bind(&a.actor_id)
+                        .push_bind(&a.action)
+                        .push_bind(&a.key_prefix)
+                        .push_bind(&a.scopes)
+                        .push_bind(&a.detail)
+                        .push_bind(&a.client_addr);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
     // ---- gateways ---------------------------------------------------------------------
 
     /// Keys held by paired gateways, for the keys list (read-only here).

@@ -260,3 +260,30 @@ both_engines! {
         assert_eq!(app.get("/recordings/1", Some(&new_key)).await.status, 200);
     }
 }
+
+both_engines! {
+    async fn a_full_batch_of_audited_requests_is_written_before_the_interval(engine: Engine) {
+        let app = spawn_app_with(engine, AppOptions { flush_interval: "60s", ..Default::default() }).await;
+        let account = app.create_account("billing").await;
+        let issued = app.create_key(&account, "primary", &["tickets:write"]).await;
+        let key = issued.key.expose().to_string();
+        let mut tasks = Vec::new();
+        for worker in 0..4 {
+            let (url, key) = (app.url(&format!("/tickets/{worker}")), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = client();
+                for _ in 0..275 {
+                    let req = Request::post(&url).header("x-api-key", &key).body(full("x")).expect("request");
+                    assert_eq!(send_with(&c, req).await.status, 200);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("worker");
+        }
+        eventually(Duration::from_secs(10), "a batch written long before the 60 s interval", || async {
+            app.manager.store.audit(2_000).await.expect("audit").iter().filter(|a| a.actor_type == "service_account").count() >= 1_000
+        }).await;
+        assert_eq!(app.keygate.as_ref().expect("running").proxy.audit.dropped_total(), 0);
+    }
+}
