@@ -65,8 +65,9 @@ impl Usage {
                 KeyKind::Gateway => gateways.push(stamp),
             }
         }
-        let written = match store.stamp_last_used(&keys, &gateways).await {
-            Ok(()) => store.stamp_client_addrs(&addrs).await,
+        // Addresses first: whoever sees the new Last used also sees where it came from.
+        let written = match store.stamp_client_addrs(&addrs).await {
+            Ok(()) => store.stamp_last_used(&keys, &gateways).await,
             Err(e) => Err(e),
         };
         match written {

@@ -192,8 +192,19 @@ both_engines! {
         let shot = b.screenshot(&format!("console-revoke-{engine:?}")).await;
         eprintln!("screenshot: {}", shot.display());
         confirm.click().await.expect("confirm");
-        let status = b.css(&format!("{} .badge", row(&old_prefix))).await.text().await.expect("status");
-        assert_eq!(status, "revoked");
+        // The form posts and the page reloads: poll, since an element found before the reload
+        // goes stale.
+        let started = Instant::now();
+        loop {
+            let badge = b.c().find(Locator::Css(&format!("{} .badge", row(&old_prefix)))).await;
+            if let Ok(text) = match badge { Ok(e) => e.text().await.map_err(|_| ()), Err(_) => Err(()) } {
+                if text == "revoked" {
+                    break;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the old key never showed as revoked");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let shot = b.screenshot(&format!("console-after-{engine:?}")).await;
         eprintln!("screenshot: {}", shot.display());
 
