@@ -142,6 +142,7 @@ fn routing(c: &mut Criterion) {
             },
             upstream: upstream.clone(),
             scope: Scope::new(&format!("svc{i}:read")).expect("scope"),
+            audit: keygate::config::AuditMode::Writes,
         })
         .collect();
     let router = Router::new(&routes);

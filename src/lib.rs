@@ -7,14 +7,17 @@
 //! Layout (dependencies point downwards only):
 //!
 //! ```text
-//! cli        command-line front end (serve, migrate, config, account, key)
+//! cli        command-line front end (serve, migrate, config, account, key, user)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
-//! admin      control-plane listener: health, readiness, metrics, the fleet list
-//! manage     control-plane operations shared by the CLI and the admin API (issue, revoke)
+//! admin      control-plane listener: health, readiness, metrics, the console and its JSON API,
+//!            sessions, the fleet list
+//! manage     control-plane operations shared by the CLI and the admin API (issue, revoke,
+//!            replace, users)
 //! sync       keeps the in-memory key table in step with the database (NOTIFY + refresh)
 //! fleet      sidecar heartbeats: who runs, and how current each key table is
 //! usage      last-used stamping, batched off the request path
+//! audit      proxied-request audit records, batched off the request path
 //! store      the only module that talks to a database (SQLite or PostgreSQL)
 //! keys       pure: key format, hashing, the key table, verification with its cache
 //! config     file and environment → validated configuration
@@ -24,6 +27,7 @@
 //! ```
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::clock::{rfc3339, Clock};
 use crate::config::HashingConfig;
 use crate::keys::{self, KeyKind, KeyPrefix, PlaintextKey, Scope, Scopes};
-use crate::store::{Account, AuditEntry, KeyRecord, NewKey, Store, StoreError};
+use crate::store::{Account, AuditEntry, KeyRecord, NewKey, Store, StoreError, User};
 
 /// Who is making a change, for `created_by`/`revoked_by` and the audit log.
 #[derive(Clone, Debug)]
@@ -260,6 +260,196 @@ impl Manager {
         self.clock.now_ms()
     }
 
+    /// Adds a console user. The password is hashed with argon2id off the runtime.
+    pub async fn add_user(
+        &self,
+        email: &str,
+        role: Role,
+        password: &Password,
+        actor: &Actor,
+    ) -> Result<User, ManageError> {
+        self.insert_user(email, role, password, actor, false).await
+    }
+
+    /// The one-time setup: creates the first user as `owner`, only while there is no user.
+    pub async fn create_first_owner(
+        &self,
+        email: &str,
+        password: &Password,
+        client_addr: Option<String>,
+    ) -> Result<User, ManageError> {
+        let actor = Actor {
+            actor_type: "setup",
+            actor_id: None,
+            client_addr,
+        };
+        self.insert_user(email, Role::Owner, password, &actor, true)
+            .await
+    }
+
+    async fn insert_user(
+        &self,
+        email: &str,
+        role: Role,
+        password: &Password,
+        actor: &Actor,
+        only_if_none: bool,
+    ) -> Result<User, ManageError> {
+        let email = validate_email(email)?;
+        password.validate()?;
+        let argon = self.argon.clone();
+        let secret = password.0.clone();
+        let hash = tokio::task::spawn_blocking(move || keys::hash_key(&argon, &secret))
+            .await
+            .map_err(|e| ManageError::Invalid(format!("hashing failed: {e}")))?;
+        let audit = self.audit(
+            actor,
+            "user.created",
+            None,
+            None,
+            json!({ "email": email, "role": role.as_str() }),
+        );
+        Ok(self
+            .store
+            .insert_user(
+                &email,
+                &hash,
+                role.as_str(),
+                self.now_ms(),
+                only_if_none,
+                &audit,
+            )
+            .await?)
+    }
+
+    /// Checks an email and password. `None` for an unknown email, a disabled user or a wrong
+    /// password alike; an unknown email still costs one argon2 run so timing tells nothing.
+    pub async fn authenticate(
+        &self,
+        email: &str,
+        password: &Password,
+    ) -> Result<Option<User>, ManageError> {
+        let found = self.store.user_for_login(email.trim()).await?;
+        let (user, hash) = match found {
+            Some((u, h)) if u.disabled_at.is_none() => (Some(u), h),
+            _ => (None, dummy_hash(&self.argon)),
+        };
+        let secret = password.0.clone();
+        let ok = tokio::task::spawn_blocking(move || keys::verify_hash(&hash, &secret))
+            .await
+            .map_err(|e| ManageError::Invalid(format!("verification failed: {e}")))?;
+        Ok(user.filter(|_| ok))
+    }
+
+    /// Writes one audit entry on its own (logins, failed logins, logouts).
+    pub async fn record(
+        &self,
+        actor: &Actor,
+        action: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), ManageError> {
+        let entry = self.audit(actor, action, None, None, detail);
+        Ok(self.store.append_audit(&[entry]).await?)
+    }
+
+    /// "Create replacement": issues a key with the old key's scopes, then sets the old key's
+    /// `expires_at` (the rotation window) and its optional auto-retire rule.
+    pub async fn replace_key(
+        &self,
+        old: &KeyRecord,
+        name: &str,
+        window_ms: i64,
+        retire_after_idle_ms: Option<i64>,
+        actor: &Actor,
+    ) -> Result<(IssuedKey, KeyRecord), ManageError> {
+        if old.revoked_at.is_some() {
+            return Err(ManageError::Conflict(format!(
+                "key {} is revoked; it cannot be replaced",
+                old.prefix
+            )));
+        }
+        if window_ms <= 0 {
+            return Err(ManageError::Invalid(
+                "the rotation window must be longer than zero".into(),
+            ));
+        }
+        if retire_after_idle_ms.is_some_and(|ms| ms <= 0) {
+            return Err(ManageError::Invalid(
+                "the auto-retire idle time must be longer than zero".into(),
+            ));
+        }
+        let account = self
+            .store
+            .account(old.account_id)
+            .await?
+            .ok_or_else(|| ManageError::NotFound(format!("no account {}", old.account_id)))?;
+        let scopes: Vec<String> = old
+            .scopes
+            .split_ascii_whitespace()
+            .map(str::to_string)
+            .collect();
+        let issued = self.issue_key(&account, name, &scopes, None, actor).await?;
+        let old_expires_at = self.now_ms() + window_ms;
+        let stored = Scopes::parse_stored(&old.scopes).unwrap_or_default();
+        let audit = self.audit(
+            actor,
+            "user.updated",
+            KeyPrefix::parse(&old.prefix).ok(),
+            Some(&stored),
+            json!({
+                "change": "key.expiry_changed",
+                "account": old.account_name,
+                "key_name": old.name,
+                "from": old.expires_at.map(rfc3339),
+                "to": rfc3339(old_expires_at),
+                "replaced_by": issued.record.prefix,
+                "retire_after_idle_ms": retire_after_idle_ms,
+            }),
+        );
+        self.store
+            .link_replacement(
+                old.id,
+                issued.record.id,
+                old_expires_at,
+                retire_after_idle_ms,
+                &audit,
+            )
+            .await?;
+        let old = self
+            .store
+            .key(old.id)
+            .await?
+            .ok_or_else(|| ManageError::NotFound(format!("no key with id {}", old.id)))?;
+        Ok((issued, old))
+    }
+
+    /// Auto-retire: revokes every replaced key whose replacement has carried traffic and which
+    /// has been idle for its chosen time, or whose hard expiry has passed. Returns the prefixes.
+    pub async fn retire_idle_keys(&self) -> Result<Vec<String>, ManageError> {
+        let now = self.now_ms();
+        let actor = Actor {
+            actor_type: "system",
+            actor_id: Some("auto-retire".into()),
+            client_addr: None,
+        };
+        let mut retired = Vec::new();
+        for (old, new) in self.store.retire_candidates().await? {
+            let idle_for = old.retire_after_idle_ms.unwrap_or(i64::MAX);
+            let new_used = new.last_used_at.is_some() && new.revoked_at.is_none();
+            let old_idle = old
+                .last_used_at
+                .is_none_or(|t| now.saturating_sub(t) >= idle_for);
+            let expired = old.expires_at.is_some_and(|at| at <= now);
+            if (new_used && old_idle) || expired {
+                match self.revoke_key(&old, &actor).await {
+                    Ok(_) | Err(ManageError::Conflict(_)) => retired.push(old.prefix.clone()),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(retired)
+    }
+
     fn audit(
         &self,
         actor: &Actor,
@@ -281,21 +471,108 @@ impl Manager {
     }
 }
 
-/// Account names end up in the `X-Keygate-Account` header: 1–64 of `A-Z a-z 0-9 _ . -`.
+/// Account names end up in the `X-Keygate-Account` header value: 1–64 printable ASCII
+/// characters (0x20–0x7e), no leading or trailing space, so never a control character.
 pub fn validate_account_name(name: &str) -> Result<(), ManageError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        && name.bytes().all(|b| (0x20..=0x7e).contains(&b))
+        && !name.starts_with(' ')
+        && !name.ends_with(' ');
     if ok {
         Ok(())
     } else {
+        Err(ManageError::Invalid(
+            "an account name must be 1-64 printable ASCII characters without leading or trailing spaces".into(),
+        ))
+    }
+}
+
+/// Console roles. Only `owner` and `admin` change keys and accounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Admin,
+    Operator,
+    Viewer,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Result<Role, ManageError> {
+        match s {
+            "owner" => Ok(Role::Owner),
+            "admin" => Ok(Role::Admin),
+            "operator" => Ok(Role::Operator),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(ManageError::Invalid(format!(
+                "`{other}` is not a role; use owner, admin, operator or viewer"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    /// Creating accounts, issuing, revoking and changing the expiry of keys.
+    pub fn manages_keys(self) -> bool {
+        matches!(self, Role::Owner | Role::Admin)
+    }
+}
+
+/// A console password in clear, between reading it and hashing or verifying it. Never shown.
+pub struct Password(String);
+
+impl Password {
+    pub fn new(s: impl Into<String>) -> Password {
+        Password(s.into())
+    }
+
+    fn validate(&self) -> Result<(), ManageError> {
+        let n = self.0.chars().count();
+        if !(10..=256).contains(&n) {
+            return Err(ManageError::Invalid(
+                "a password must be 10-256 characters long".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+fn validate_email(email: &str) -> Result<String, ManageError> {
+    let email = email.trim();
+    let ok = email.len() <= 254
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+        })
+        && email.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(email.to_string())
+    } else {
         Err(ManageError::Invalid(format!(
-            "`{name}` is not a valid account name: use 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit"
+            "`{email}` is not an email address"
         )))
     }
+}
+
+/// A hash of a random string, verified against when the email is unknown so that a login
+/// for a missing user costs the same argon2 run as one with a wrong password.
+fn dummy_hash(argon: &Argon2<'static>) -> String {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY
+        .get_or_init(|| keys::hash_key(argon, keys::generate(KeyKind::ServiceAccount).expose()))
+        .clone()
 }
 
 fn validate_key_name(name: &str) -> Result<&str, ManageError> {
@@ -332,9 +609,15 @@ pub fn key_status(record: &KeyRecord, now_ms: i64) -> &'static str {
     }
 }
 
+/// Whether a live key has gone unused (or, never used, has existed) for `stale_after_ms`.
+pub fn is_stale(record: &KeyRecord, now_ms: i64, stale_after_ms: i64) -> bool {
+    matches!(key_status(record, now_ms), "active" | "expiring")
+        && now_ms - record.last_used_at.unwrap_or(record.created_at) >= stale_after_ms
+}
+
 /// A key record for JSON output (CLI and API): times as RFC 3339, scopes as a list, and
-/// never the key or its hash.
-pub fn key_json(record: &KeyRecord, now_ms: i64) -> serde_json::Value {
+/// never the key or its hash. `stale` follows `[admin] stale_after`.
+pub fn key_json(record: &KeyRecord, now_ms: i64, stale_after_ms: i64) -> serde_json::Value {
     json!({
         "id": record.id,
         "prefix": record.prefix,
@@ -349,5 +632,10 @@ pub fn key_json(record: &KeyRecord, now_ms: i64) -> serde_json::Value {
         "revoked_at": record.revoked_at.map(rfc3339),
         "revoked_by": record.revoked_by,
         "status": key_status(record, now_ms),
+        "stale": is_stale(record, now_ms, stale_after_ms),
+        "last_client_addr": record.last_client_addr,
+        "replaced_by": record.replaced_by,
+        "retire_after_idle_ms": record.retire_after_idle_ms,
+        "kind": "service_account",
     })
 }

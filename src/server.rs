@@ -13,11 +13,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Instance};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::fleet::{self, Identity};
 use crate::keys::{KeyTable, Verifier};
+use crate::manage::Manager;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
@@ -38,6 +39,9 @@ pub struct Keygate {
     /// How long to keep serving after a stop signal before closing the listeners.
     shutdown_delay: Duration,
     pub metrics: Arc<Metrics>,
+    /// The one-time console setup link; it works only while no user exists, and is logged once
+    /// the database shows none does.
+    pub setup_url: Option<String>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -56,6 +60,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Admin(String),
 }
 
 /// Why a reload was refused; the running configuration stays in force.
@@ -122,22 +128,29 @@ pub async fn start(
         clock.clone(),
         metrics.clone(),
     ));
-    let admin_state = Arc::new(AdminState {
-        table: table.clone(),
-        clock: clock.clone(),
-        store: store.clone(),
-        sync: sync_status.clone(),
-        identity: identity.clone(),
-        heartbeat_interval: config.database.heartbeat_interval,
-        max_staleness: config.database.max_staleness,
-        stopping: stopping.clone(),
-        metrics: metrics.clone(),
-    });
+    let manager = Arc::new(
+        Manager::new(store.clone(), config.hashing, clock.clone())
+            .map_err(|e| StartError::Admin(e.to_string()))?,
+    );
+    let admin_state = Arc::new(AdminState::new(
+        config,
+        table.clone(),
+        clock.clone(),
+        manager.clone(),
+        Instance {
+            sync: sync_status.clone(),
+            identity: identity.clone(),
+            stopping: stopping.clone(),
+            metrics: metrics.clone(),
+        },
+    ));
 
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
     let proxy_addr = proxy::local_addr(&proxy_listener);
     let admin_addr = proxy::local_addr(&admin_listener);
+    // Armed now, shown (or disarmed) once the database answers: start never waits on it.
+    let setup_url = Some(admin_state.arm_setup(admin_addr));
 
     let background = vec![
         tokio::spawn(sync::run(
@@ -162,6 +175,26 @@ pub async fn start(
             sync_status.clone(),
             clock.clone(),
             config.database.heartbeat_interval,
+            stop_background.clone(),
+        )),
+        tokio::spawn(proxy_state.audit.clone().run(
+            store.clone(),
+            config.last_used.flush_interval,
+            stop_background.clone(),
+            metrics.audit.clone(),
+            metrics.audit_depth.clone(),
+        )),
+        tokio::spawn({
+            let (admin_state, url, stop) = (
+                admin_state.clone(),
+                setup_url.clone().unwrap_or_default(),
+                stop_background.clone(),
+            );
+            async move { admin_state.announce_setup(url, stop).await }
+        }),
+        tokio::spawn(admin::run_auto_retire(
+            manager,
+            config.database.refresh_interval,
             stop_background.clone(),
         )),
     ];
@@ -198,6 +231,7 @@ pub async fn start(
         stopping,
         shutdown_delay: config.proxy.shutdown_delay,
         metrics,
+        setup_url,
         stop_accepting,
         stop_background,
         listeners,

@@ -1,8 +1,10 @@
 //! Last-used stamping off the request path. A request only bumps an atomic on its key entry
 //! and, at most once per flush, queues the entry; a background task writes the newest time per
 //! key in one statement per table every `last_used.flush_interval`, and once more at shutdown.
-//! The queue holds at most one slot per key, so it is bounded by the table's size.
+//! The queue holds at most one slot per key, so it is bounded by the table's size. The same
+//! flush writes each key's last client address.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,12 @@ impl Usage {
 
     /// Notes that `entry` was used at `now_ms`. Cheap: one relaxed load in the common case.
     pub fn record(&self, entry: &Arc<KeyEntry>, now_ms: i64) {
-        if entry.note_use(now_ms) {
+        self.record_from(entry, now_ms, None);
+    }
+
+    /// `record` with the client address of the use.
+    pub fn record_from(&self, entry: &Arc<KeyEntry>, now_ms: i64, client: Option<IpAddr>) {
+        if entry.note_use_from(now_ms, client) {
             self.queue
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -46,15 +53,25 @@ impl Usage {
         if batch.is_empty() {
             return Ok(0);
         }
-        let (mut keys, mut gateways) = (Vec::new(), Vec::new());
+        let (mut keys, mut gateways, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
         for entry in &batch {
             let stamp = (entry.id.id, entry.take_stamp());
             match entry.id.kind {
-                KeyKind::ServiceAccount => keys.push(stamp),
+                KeyKind::ServiceAccount => {
+                    keys.push(stamp);
+                    if let Some(ip) = entry.last_client() {
+                        addrs.push((entry.id.id, ip.to_string()));
+                    }
+                }
                 KeyKind::Gateway => gateways.push(stamp),
             }
         }
-        match store.stamp_last_used(&keys, &gateways).await {
+        // Addresses first: whoever sees the new Last used also sees where it came from.
+        let written = match store.stamp_client_addrs(&addrs).await {
+            Ok(()) => store.stamp_last_used(&keys, &gateways).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);

@@ -1,14 +1,21 @@
-//! The control-plane listener, apart from the proxy port: liveness, readiness, Prometheus
-//! metrics and the fleet list; the console and JSON API join it here.
+//! The control-plane listener, apart from the proxy port: liveness and readiness, Prometheus
+//! metrics, the console under `/admin` and its JSON API under `/admin/api/v1` (with the fleet
+//! list). Changes go through `manage::Manager`, so the console, the API and the CLI change
+//! keys the same way, audited.
 
+mod api;
+mod console;
+mod error;
+mod session;
 mod sidecars;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -16,11 +23,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::config::Config;
 use crate::fleet::Identity;
-use crate::keys::KeyTable;
+use crate::keys::{KeyTable, Scope};
+use crate::manage::Manager;
 use crate::metrics::{self, Metrics};
 use crate::store::Store;
 use crate::sync::SyncStatus;
+
+pub use error::{AdminError, ISSUANCE_FORBIDDEN};
 
 /// What the admin listener reads.
 pub struct AdminState {
@@ -35,6 +46,123 @@ pub struct AdminState {
     /// Cancelled when a stop signal arrives: readiness fails while requests still drain.
     pub stopping: CancellationToken,
     pub metrics: Arc<Metrics>,
+    pub manager: Arc<Manager>,
+    /// Scopes the configured routes require: what the console offers for new keys.
+    pub route_scopes: Vec<Scope>,
+    pub secure_cookies: bool,
+    pub session_idle_timeout: Duration,
+    pub stale_after: Duration,
+    /// Digest of the one-time setup token while no user exists; taken by its first use.
+    setup_digest: Mutex<Option<String>>,
+    throttle: session::Throttle,
+}
+
+impl AdminState {
+    pub fn new(
+        config: &Config,
+        table: Arc<KeyTable>,
+        clock: Clock,
+        manager: Arc<Manager>,
+        instance: Instance,
+    ) -> Self {
+        AdminState {
+            table,
+            clock,
+            store: manager.store.clone(),
+            sync: instance.sync,
+            identity: instance.identity,
+            heartbeat_interval: config.database.heartbeat_interval,
+            max_staleness: config.database.max_staleness,
+            stopping: instance.stopping,
+            metrics: instance.metrics,
+            manager,
+            route_scopes: config.route_scopes(),
+            secure_cookies: config.admin.secure_cookies,
+            session_idle_timeout: config.admin.session_idle_timeout,
+            stale_after: config.admin.stale_after,
+            setup_digest: Mutex::new(None),
+            throttle: session::Throttle::default(),
+        }
+    }
+
+    /// Arms a one-time setup token and returns the link that uses it
+    /// (`http://ADDR/admin/setup?token=...`). The link creates the first `owner` only, and only
+    /// while no user exists; `announce_setup` logs it or disarms it once the database answers.
+    pub fn arm_setup(&self, admin_addr: SocketAddr) -> String {
+        let token = session::random_token();
+        *self
+            .setup_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(session::digest(&token));
+        format!("http://{admin_addr}/admin/setup?token={token}")
+    }
+
+    /// Once the database is reachable (the key table has loaded): logs the setup link when no
+    /// console user exists, and disarms it when one does.
+    pub async fn announce_setup(&self, url: String, shutdown: CancellationToken) {
+        while self.table.synced_at().is_none() {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+        match self.manager.store.user_count().await {
+            Ok(0) => tracing::warn!(
+                "no console user exists yet: open {url} to create the owner (the link works once)"
+            ),
+            Ok(_) => {
+                *self
+                    .setup_digest
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether a console user exists; the setup link stays armed but is not shown")
+            }
+        }
+    }
+
+    /// Whether `token` is the live setup token (without using it up).
+    fn setup_token_matches(&self, token: &str) -> bool {
+        let d = session::digest(token);
+        self.setup_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            .is_some_and(|live| session::constant_time_eq(live.as_bytes(), d.as_bytes()))
+    }
+
+    /// Uses up the setup token: true for exactly one caller holding the right token.
+    fn take_setup_token(&self, token: &str) -> bool {
+        let d = session::digest(token);
+        let mut live = self
+            .setup_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if live
+            .as_deref()
+            .is_some_and(|l| session::constant_time_eq(l.as_bytes(), d.as_bytes()))
+        {
+            *live = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// `[admin] stale_after` in milliseconds.
+    fn stale_after_ms(&self) -> i64 {
+        self.stale_after.as_millis() as i64
+    }
+}
+
+/// What the admin listener reports about the running instance it belongs to.
+pub struct Instance {
+    pub sync: Arc<SyncStatus>,
+    pub identity: Identity,
+    /// Cancelled when a stop signal arrives: readiness fails while requests still drain.
+    pub stopping: CancellationToken,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -43,18 +171,64 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/admin/api/v1/sidecars", get(sidecars::list_sidecars))
         .route("/metrics", get(render_metrics))
+        .merge(api::routes())
+        .merge(console::routes())
         .with_state(state)
 }
 
 /// Serves the admin listener until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    let app = router(state);
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
         tracing::error!(error = %e, "admin listener failed");
     }
+}
+
+/// Auto-retire: every `interval`, revokes replaced keys that meet their retire rule.
+pub async fn run_auto_retire(
+    manager: Arc<Manager>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => break,
+        }
+        match manager.retire_idle_keys().await {
+            Ok(retired) if retired.is_empty() => {}
+            Ok(retired) => tracing::info!(keys = ?retired, "auto-retired replaced keys"),
+            Err(e) => tracing::warn!(error = %e, "auto-retire check failed; will retry"),
+        }
+    }
+}
+
+/// Security headers for every console page: no framing, no sniffing, only our own scripts
+/// and styles, no referrer (the setup link carries a token), nothing cached.
+async fn secure_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 /// Alive: the process answers.

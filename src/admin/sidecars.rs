@@ -10,6 +10,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::session::ApiUser;
 use super::AdminState;
 use crate::fleet;
 
@@ -22,6 +23,8 @@ pub struct SidecarsQuery {
 /// key change has spread.
 pub async fn list_sidecars(
     State(state): State<Arc<AdminState>>,
+    // Any signed-in console user may see the fleet; nobody else.
+    _user: ApiUser,
     Query(query): Query<SidecarsQuery>,
 ) -> Response {
     let now = state.clock.now_ms();

@@ -113,7 +113,10 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
             };
             let keys = manager.store.keys(account_id).await?;
             if json {
-                let v: Vec<_> = keys.iter().map(|k| key_json(k, now)).collect();
+                let v: Vec<_> = keys
+                    .iter()
+                    .map(|k| key_json(k, now, config.admin.stale_after.as_millis() as i64))
+                    .collect();
                 println!("{}", serde_json::Value::from(v));
             } else {
                 let opt = |t: Option<i64>| t.map(rfc3339).unwrap_or_else(|| "-".into());

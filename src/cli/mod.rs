@@ -4,6 +4,7 @@
 mod account;
 mod key;
 mod serve;
+mod user;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,9 @@ pub enum Command {
     /// Service-account API keys.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Console users.
+    #[command(subcommand)]
+    User(user::UserCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +149,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Account(cmd) => account::run(cmd, &manager(&config).await?).await,
         Command::Key(cmd) => key::run(cmd, &manager(&config).await?, &config).await,
+        Command::User(cmd) => user::run(cmd, &manager(&config).await?).await,
     }
 }
 

@@ -49,6 +49,12 @@ pub struct ProxyConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Mark the console's session cookie `Secure` (serve the admin listener behind TLS).
+    pub secure_cookies: bool,
+    /// A console session unused this long ends; the next request must log in again.
+    pub session_idle_timeout: Duration,
+    /// Keys unused this long are flagged as stale in the console and the API.
+    pub stale_after: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +127,32 @@ pub struct RouteConfig {
     pub methods: Vec<Method>,
     pub upstream: Upstream,
     pub scope: Scope,
+    /// Which proxied requests by service accounts are written to the audit log.
+    pub audit: AuditMode,
+}
+
+/// A route's `audit` setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuditMode {
+    None,
+    /// State-changing methods only (everything but GET, HEAD, OPTIONS, TRACE).
+    #[default]
+    Writes,
+    All,
+}
+
+impl AuditMode {
+    /// Whether a request with `method` is audited on this route.
+    pub fn covers(self, method: &Method) -> bool {
+        match self {
+            AuditMode::None => false,
+            AuditMode::All => true,
+            AuditMode::Writes => !matches!(
+                *method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            ),
+        }
+    }
 }
 
 /// An upstream origin: scheme, host and port, no path.

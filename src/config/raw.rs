@@ -67,12 +67,18 @@ impl Default for RawProxy {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     listen: String,
+    secure_cookies: bool,
+    session_idle_timeout: String,
+    stale_after: String,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: "127.0.0.1:9090".into(),
+            secure_cookies: false,
+            session_idle_timeout: "30m".into(),
+            stale_after: "30d".into(),
         }
     }
 }
@@ -186,6 +192,8 @@ struct RawRoute {
     methods: Vec<String>,
     upstream: String,
     scope: String,
+    #[serde(default)]
+    audit: Option<String>,
 }
 
 /// Applies `KEYGATE_<SECTION>_<SETTING>=value` variables on top of the file. Values are read as
@@ -248,8 +256,16 @@ impl RawConfig {
             },
             shutdown_delay: duration("proxy.shutdown_delay", &p.shutdown_delay, Duration::ZERO)?,
         };
+        let a = &self.admin;
         let admin = AdminConfig {
-            listen: socket_addr("admin.listen", &self.admin.listen)?,
+            listen: socket_addr("admin.listen", &a.listen)?,
+            secure_cookies: a.secure_cookies,
+            session_idle_timeout: duration(
+                "admin.session_idle_timeout",
+                &a.session_idle_timeout,
+                Duration::from_secs(1),
+            )?,
+            stale_after: duration("admin.stale_after", &a.stale_after, Duration::from_secs(1))?,
         };
         if admin.listen == proxy.listen && proxy.listen.port() != 0 {
             return Err(ConfigError::new(
@@ -432,12 +448,24 @@ fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
         }
         let upstream = upstream(&r.upstream).map_err(|m| ConfigError::new(at("upstream"), m))?;
         let scope = Scope::new(&r.scope).map_err(|m| ConfigError::new(at("scope"), m))?;
+        let audit = match r.audit.as_deref() {
+            None | Some("writes") => AuditMode::Writes,
+            Some("none") => AuditMode::None,
+            Some("all") => AuditMode::All,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    at("audit"),
+                    format!("`{other}` is not one of: none, writes, all"),
+                ))
+            }
+        };
         let route = RouteConfig {
             name: r.name.clone(),
             path_prefix,
             methods,
             upstream,
             scope,
+            audit,
         };
         if let Some(other) = routes
             .iter()

@@ -19,6 +19,14 @@ fn the_example_file_is_valid_and_shows_the_defaults() {
     let defaults = Config::default();
     assert_eq!(example.proxy.listen, defaults.proxy.listen);
     assert_eq!(example.admin.listen.to_string(), "127.0.0.1:9090");
+    assert!(!example.admin.secure_cookies);
+    assert_eq!(
+        example.admin.session_idle_timeout,
+        Duration::from_secs(30 * 60)
+    );
+    assert_eq!(example.admin.stale_after, Duration::from_secs(30 * 86_400));
+    assert_eq!(defaults.admin.stale_after, example.admin.stale_after);
+    assert!(example.routes.iter().all(|r| r.audit == AuditMode::Writes));
     assert_eq!(example.database.url, defaults.database.url);
     assert_eq!(example.database.refresh_interval, Duration::from_secs(2));
     assert_eq!(example.last_used.flush_interval, Duration::from_secs(10));
@@ -140,4 +148,37 @@ fn per_account_metric_labels_are_opt_in_from_the_file_or_the_environment() {
     assert_eq!(err.path, "metrics.per_account_labels");
     let err = parse("[metrics]\nper_route_labels = true").expect_err("unknown");
     assert_eq!(err.path, "metrics.per_route_labels");
+}
+
+#[test]
+fn route_audit_modes_are_parsed_and_bad_ones_named() {
+    let route = |audit: &str| {
+        format!("[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\nscope = \"a:b\"\n{audit}")
+    };
+    let mode = |audit: &str| parse(&route(audit)).expect("valid").routes[0].audit;
+    assert_eq!(mode(""), AuditMode::Writes);
+    assert_eq!(mode("audit = \"none\""), AuditMode::None);
+    assert_eq!(mode("audit = \"all\""), AuditMode::All);
+    let err = parse(&route("audit = \"some\"")).expect_err("must fail");
+    assert_eq!(err.path, "routes[0].audit");
+    assert!(AuditMode::Writes.covers(&http::Method::POST));
+    assert!(!AuditMode::Writes.covers(&http::Method::GET));
+    assert!(AuditMode::All.covers(&http::Method::GET));
+    assert!(!AuditMode::None.covers(&http::Method::DELETE));
+}
+
+#[test]
+fn admin_durations_are_validated() {
+    let err = parse("[admin]\nsession_idle_timeout = \"soon\"\n").expect_err("must fail");
+    assert_eq!(err.path, "admin.session_idle_timeout");
+    let c = parse_env(
+        "",
+        &[
+            ("KEYGATE_ADMIN_SECURE_COOKIES", "true"),
+            ("KEYGATE_ADMIN_STALE_AFTER", "7d"),
+        ],
+    )
+    .expect("valid");
+    assert!(c.admin.secure_cookies);
+    assert_eq!(c.admin.stale_after, Duration::from_secs(7 * 86_400));
 }

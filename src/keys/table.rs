@@ -3,6 +3,7 @@
 //! reads it; `sync` replaces or patches it from the database.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -71,6 +72,10 @@ pub struct KeyEntry {
     /// Values for `X-Keygate-Account`, `X-Keygate-Key-Prefix`, `X-Keygate-Scopes`, built once
     /// here so the request path copies reference counts instead of formatting strings.
     pub identity: [HeaderValue; 3],
+    /// `X-Keygate-Key-Expires-At` for a key with an expiry (RFC 3339), built once here.
+    pub expires_header: Option<HeaderValue>,
+    /// The client address of the newest use noted (at most one update per key per second).
+    last_client: Mutex<Option<IpAddr>>,
     /// Newest use seen by this process, in Unix ms (starts at the database's value).
     last_used_ms: AtomicI64,
     /// Set while a stamp for this key waits in the usage queue, so each key is queued once.
@@ -115,6 +120,10 @@ impl KeyEntry {
             revoked_at: row.revoked_at,
             updated_at: row.updated_at,
             identity,
+            expires_header: row
+                .expires_at
+                .and_then(|at| HeaderValue::from_str(&crate::clock::rfc3339(at)).ok()),
+            last_client: Mutex::new(None),
             last_used_ms: AtomicI64::new(row.last_used_at.unwrap_or(0)),
             stamp_pending: AtomicBool::new(false),
         })
@@ -138,10 +147,22 @@ impl KeyEntry {
     /// Records a use at `now_ms`. Returns true when the key must be queued for a stamp (it was
     /// not queued already). At most one atomic write per key per second.
     pub fn note_use(&self, now_ms: i64) -> bool {
+        self.note_use_from(now_ms, None)
+    }
+
+    /// `note_use` that also remembers the client address of the use (within the same
+    /// once-per-second gate, so the lock is taken at most once per key per second).
+    pub fn note_use_from(&self, now_ms: i64, client: Option<IpAddr>) -> bool {
         if now_ms - self.last_used_ms.load(Ordering::Relaxed) < 1_000 {
             return false;
         }
         self.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
+        if client.is_some() {
+            *self
+                .last_client
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = client;
+        }
         !self.stamp_pending.load(Ordering::Relaxed)
             && !self.stamp_pending.swap(true, Ordering::AcqRel)
     }
@@ -162,9 +183,23 @@ impl KeyEntry {
         self.last_used_ms.load(Ordering::Relaxed)
     }
 
+    /// The client address of the newest noted use, if any.
+    pub fn last_client(&self) -> Option<IpAddr> {
+        *self
+            .last_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn inherit_use(&self, older: &KeyEntry) {
         self.last_used_ms
             .fetch_max(older.last_used_ms(), Ordering::Relaxed);
+        if let Some(ip) = older.last_client() {
+            self.last_client
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(ip);
+        }
     }
 }
 
@@ -403,6 +438,32 @@ mod tests {
         assert_eq!(e.take_stamp(), 12_000);
         t.replace_all(vec![row(KeyKind::ServiceAccount, 1, &p, 1)]);
         assert_eq!(t.lookup(&key).expect("entry").last_used_ms(), 12_000);
+    }
+
+    #[test]
+    fn the_expiry_header_and_client_address_are_kept_on_the_entry() {
+        let mut r = row(
+            KeyKind::ServiceAccount,
+            1,
+            &prefix(KeyKind::ServiceAccount),
+            1,
+        );
+        r.expires_at = Some(1_796_112_000_000);
+        let e = KeyEntry::from_row(r).expect("entry");
+        assert_eq!(
+            e.expires_header
+                .as_ref()
+                .map(|v| v.to_str().expect("ascii")),
+            Some("2026-12-01T08:00:00Z")
+        );
+        let ip: IpAddr = "10.1.2.3".parse().expect("ip");
+        assert!(e.note_use_from(5_000, Some(ip)));
+        assert!(!e.note_use_from(5_500, Some("10.9.9.9".parse().expect("ip"))));
+        assert_eq!(
+            e.last_client(),
+            Some(ip),
+            "inside the same second nothing changes"
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_KEYGATE_ACCOUNT: HeaderName = HeaderName::from_static("x-keygate-account");
 pub static X_KEYGATE_KEY_PREFIX: HeaderName = HeaderName::from_static("x-keygate-key-prefix");
 pub static X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+/// On responses: when the caller's key expires (RFC 3339), while it has an expiry ahead.
+pub static X_KEYGATE_KEY_EXPIRES_AT: HeaderName =
+    HeaderName::from_static("x-keygate-key-expires-at");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

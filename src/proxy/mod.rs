@@ -9,7 +9,9 @@
 //! 6. scope check (403 naming the scope),
 //! 7. strip the key, hop-by-hop and spoofed headers; add identity and forwarding headers,
 //! 8. forward and stream both ways (502/504 on upstream failure),
-//! 9. record the use in memory and write one access-log line.
+//! 9. record the use (and client address) in memory, queue an audit record when the route
+//!    audits the method, add `X-Keygate-Key-Expires-At` while the key has an expiry ahead,
+//!    and write one access-log line.
 //!
 //! Nothing on this path waits on the database.
 
@@ -39,6 +41,7 @@ pub use headers::{extract_key, strip_hop_by_hop, strip_request, CredentialError,
 pub use path::{canonical_path, PathError};
 pub use route::{Route, Router};
 
+use crate::audit::AuditQueue;
 use crate::clock::Clock;
 use crate::config::{Config, RouteConfig};
 use crate::keys::{KeyTable, Verifier};
@@ -50,6 +53,8 @@ use upstream::{Dedicated, UpstreamClient};
 pub struct ProxyState {
     /// Swapped whole on SIGHUP; a request loads it once without taking a lock.
     pub router: ArcSwap<Router>,
+    /// Proxied requests by service accounts, waiting to be audited.
+    pub audit: Arc<AuditQueue>,
     pub table: Arc<KeyTable>,
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
@@ -76,6 +81,7 @@ impl ProxyState {
     ) -> Self {
         ProxyState {
             router: ArcSwap::from_pointee(Router::new(&config.routes)),
+            audit: Arc::new(AuditQueue::new(crate::audit::DEFAULT_CAPACITY)),
             table,
             verifier,
             usage,

@@ -14,13 +14,14 @@ use super::body::{IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
     extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding,
-    KeySource, X_REQUEST_ID,
+    KeySource, X_KEYGATE_KEY_EXPIRES_AT, X_REQUEST_ID,
 };
 use super::path::canonical_path;
 use super::route::{Route, Router};
 use super::upstream::{self, Dedicated, UpstreamClient};
 use super::ProxyState;
-use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
+use crate::audit::ProxiedRequest;
+use crate::keys::{self, KeyEntry, KeyKind, KeyPrefix, KeyState, VerifyError};
 use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 
 /// What the pipeline learnt about a request, for the access log.
@@ -267,7 +268,14 @@ async fn forward(
     let dedicated = parts.version != Version::HTTP_2 && upstream.scheme == http::uri::Scheme::HTTP;
     parts.version = Version::HTTP_11;
 
-    state.usage.record(&grant.entry, state.clock.now_ms());
+    let now_ms = state.clock.now_ms();
+    state
+        .usage
+        .record_from(&grant.entry, now_ms, Some(peer.ip()));
+    // Only audited requests pay for copying the path.
+    let audited = (grant.entry.id.kind == KeyKind::ServiceAccount
+        && grant.route.audit.covers(&parts.method))
+    .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
     let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
     let sent = Instant::now();
     let response = if dedicated {
@@ -284,6 +292,28 @@ async fn forward(
         .observe_upstream(grant.route.index, sent.elapsed());
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some((method, path)) = audited {
+        state.audit.push(ProxiedRequest {
+            at_ms: now_ms,
+            entry: grant.entry.clone(),
+            method,
+            path,
+            status: parts.status.as_u16(),
+            client: peer.ip(),
+        });
+    }
+    // Tell the caller when its key stops working while it is inside an expiry window; never
+    // pass on an upstream's own value of the header.
+    match (&grant.entry.expires_header, grant.entry.expires_at) {
+        (Some(value), Some(at)) if at > now_ms => {
+            parts
+                .headers
+                .insert(&X_KEYGATE_KEY_EXPIRES_AT, value.clone());
+        }
+        _ => {
+            parts.headers.remove(&X_KEYGATE_KEY_EXPIRES_AT);
+        }
+    }
     Ok(Response::from_parts(
         parts,
         ProxyBody::Upstream(IdleTimeout::new(body, state.idle_timeout)),

@@ -3,7 +3,7 @@
 
 use http::Method;
 
-use crate::config::{RouteConfig, Upstream};
+use crate::config::{AuditMode, RouteConfig, Upstream};
 use crate::keys::Scope;
 
 /// One configured route.
@@ -16,6 +16,7 @@ pub struct Route {
     methods: Vec<Method>,
     pub upstream: Upstream,
     pub scope: Scope,
+    pub audit: AuditMode,
 }
 
 /// Routes ordered longest prefix first.
@@ -36,6 +37,7 @@ impl Router {
                 methods: r.methods.clone(),
                 upstream: r.upstream.clone(),
                 scope: r.scope.clone(),
+                audit: r.audit,
             })
             .collect();
         // Stable: among equal prefixes (different methods) the file's order is kept.

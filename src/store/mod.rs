@@ -78,7 +78,9 @@ macro_rules! insert_audit {
 }
 
 // After the macros above, which it uses.
+mod admin;
 mod fleet;
+pub use admin::{AuditFilter, AuditRecord, GatewayKey, NewSession, SessionRecord, User};
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Account {
@@ -104,6 +106,12 @@ pub struct KeyRecord {
     pub revoked_at: Option<i64>,
     pub revoked_by: Option<String>,
     pub last_used_at: Option<i64>,
+    /// The client address of a recent use (recorded with the last-used stamp).
+    pub last_client_addr: Option<String>,
+    /// The key that replaced this one, when it was rotated with "Create replacement".
+    pub replaced_by: Option<i64>,
+    /// Auto-retire: revoke once the replacement carried traffic and this key idled this long.
+    pub retire_after_idle_ms: Option<i64>,
 }
 
 /// A key about to be stored.
@@ -150,7 +158,8 @@ struct TableRow {
 
 const KEY_RECORD: &str =
     "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.name, k.scopes,
-        k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by, k.last_used_at
+        k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by, k.last_used_at,
+        k.last_client_addr, k.replaced_by, k.retire_after_idle_ms
    FROM api_keys k JOIN service_accounts a ON a.id = k.account_id";
 
 impl Store {

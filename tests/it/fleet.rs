@@ -16,6 +16,8 @@ struct Fleet {
     sidecars: Vec<Keygate>,
     manager: Manager,
     client: TestClient,
+    /// A viewer's console session (sessions live in the shared database: any sidecar takes it).
+    session_cookie: String,
     _upstream: Upstream,
     _db: TestDb,
 }
@@ -30,10 +32,14 @@ impl Fleet {
             assert!(k.ready(Duration::from_secs(10)).await, "sidecar loads");
             sidecars.push(k);
         }
+        let manager = manager_for(&db.url).await;
+        let client = client();
+        let session_cookie = viewer_session(&manager, &client, sidecars[0].admin_addr).await;
         Fleet {
             sidecars,
-            manager: manager_for(&db.url).await,
-            client: client(),
+            manager,
+            client,
+            session_cookie,
             _upstream: upstream,
             _db: db,
         }
@@ -83,6 +89,7 @@ impl Fleet {
             "http://{}{path}",
             self.sidecars[sidecar].admin_addr
         ))
+        .header("cookie", &self.session_cookie)
         .body(empty())
         .expect("request");
         send_with(&self.client, req).await
@@ -266,5 +273,41 @@ both_engines! {
         assert_eq!(listed.len(), 2, "{body}");
         assert!(listed.iter().all(|s| s["id"] != gone_id.as_str()));
         fleet.shutdown().await;
+    }
+}
+
+/// Adds a viewer and logs it in; returns the session cookie (`name=value`).
+async fn viewer_session(
+    manager: &Manager,
+    client: &TestClient,
+    admin: std::net::SocketAddr,
+) -> String {
+    let password = "fleet watcher password";
+    manager
+        .add_user(
+            "viewer@example.com",
+            keygate::manage::Role::Viewer,
+            &keygate::manage::Password::new(password),
+            &Actor::cli(),
+        )
+        .await
+        .expect("add viewer");
+    let body =
+        serde_json::json!({ "email": "viewer@example.com", "password": password }).to_string();
+    let req = http::Request::post(format!("http://{admin}/admin/api/v1/login"))
+        .header("content-type", "application/json")
+        .body(full(body))
+        .expect("request");
+    let r = send_with(client, req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cookie = r.headers["set-cookie"].to_str().expect("ascii");
+    cookie.split(';').next().expect("name=value").to_string()
+}
+
+both_engines! {
+    async fn the_fleet_list_needs_a_console_session(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let r = app.admin_get("/admin/api/v1/sidecars").await;
+        assert_eq!(r.status, 401, "{}", r.text());
     }
 }

@@ -3,11 +3,14 @@
 
 mod harness;
 
+mod admin_api;
 mod cli;
+mod console;
 mod fleet;
 mod observability;
 mod outage;
 mod proxy;
 mod relay;
 mod restart;
+mod rotation;
 mod store;

@@ -39,9 +39,13 @@ both_engines! {
         m.create_account("billing", "invoices", &Actor::cli()).await.expect("create");
         let dup = m.create_account("billing", "", &Actor::cli()).await.expect_err("must fail");
         assert!(matches!(dup, ManageError::Conflict(_)), "{dup}");
-        let bad = m.create_account("bad name!", "", &Actor::cli()).await.expect_err("must fail");
-        assert!(matches!(bad, ManageError::Invalid(_)), "{bad}");
-        assert_eq!(m.store.accounts().await.expect("list").len(), 1, "nothing half-written");
+        for bad in ["", "line\nbreak", "tab\there", " leading", "trailing ", "é", &"x".repeat(65)] {
+            let e = m.create_account(bad, "", &Actor::cli()).await.expect_err("must fail");
+            assert!(matches!(e, ManageError::Invalid(_)), "{bad:?}: {e}");
+        }
+        // Printable ASCII is allowed: the console escapes it, the header carries it as is.
+        m.create_account("<b>ops & co</b>", "", &Actor::cli()).await.expect("printable ASCII");
+        assert_eq!(m.store.accounts().await.expect("list").len(), 2, "nothing half-written");
     }
 }
 

@@ -1,0 +1,397 @@
+//! Control-plane queries for the admin console: users, server-side sessions, the audit log
+//! with filters, and the rotation link between a key and its replacement.
+
+use serde::Serialize;
+
+use super::{conflict, AuditEntry, KeyRecord, Store, StoreError, KEY_RECORD};
+
+/// A console user. The password hash stays in the store layer (see `user_password_hash`).
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub role: String,
+    pub created_at: i64,
+    pub disabled_at: Option<i64>,
+}
+
+/// A paired gateway's key as the console lists it (managed by pairing, not here).
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct GatewayKey {
+    pub id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: String,
+    pub paired_at: Option<i64>,
+    pub last_seen_at: Option<i64>,
+}
+
+/// A session about to be stored: only the digest of the cookie token is kept.
+#[derive(Debug)]
+pub struct NewSession {
+    pub token_digest: String,
+    pub user_id: i64,
+    pub csrf_token: String,
+    pub created_at: i64,
+    pub client_addr: Option<String>,
+}
+
+/// A live session with its user, as every console and API request resolves it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct SessionRecord {
+    pub id: i64,
+    pub user_id: i64,
+    pub email: String,
+    pub role: String,
+    pub csrf_token: String,
+    pub last_seen_at: i64,
+    pub ended_at: Option<i64>,
+    pub disabled_at: Option<i64>,
+}
+
+/// One stored audit entry with its id (the pagination cursor).
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: i64,
+    pub actor_type: String,
+    pub actor_id: Option<String>,
+    pub action: String,
+    pub key_prefix: Option<String>,
+    pub scopes: Option<String>,
+    pub detail: String,
+    pub client_addr: Option<String>,
+}
+
+/// Which audit entries to read, newest first. `before_id` pages backwards.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub actor_type: Option<String>,
+    pub action: Option<String>,
+    pub key_prefix: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+const SESSION: &str =
+    "SELECT s.id, s.user_id, u.email, u.role, s.csrf_token, s.last_seen_at, s.ended_at, u.disabled_at
+       FROM sessions s JOIN users u ON u.id = s.user_id";
+
+impl Store {
+    // ---- users ------------------------------------------------------------------------
+
+    pub async fn user_count(&self) -> Result<i64, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM users"
+        )
+        .fetch_one(pool)
+        .await)?)
+    }
+
+    /// Stores a user and its audit entry in one transaction. With `only_if_none`, the insert
+    /// happens only while there is no user at all (the one-time setup link), else `Conflict`.
+    pub async fn insert_user(
+        &self,
+        email: &str,
+        password_hash: &str,
+        role: &str,
+        now_ms: i64,
+        only_if_none: bool,
+        audit: &AuditEntry,
+    ) -> Result<User, StoreError> {
+        let user = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            if only_if_none {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if n > 0 {
+                    return Err(StoreError::Conflict(
+                        "setup is already complete: a user exists".into(),
+                    ));
+                }
+            }
+            let user = sqlx::query_as::<_, User>(
+                "INSERT INTO users (email, password_hash, role, created_at) VALUES ($1, $2, $3, $4)
+                 RETURNING id, email, role, created_at, disabled_at",
+            )
+            .bind(email)
+            .bind(password_hash)
+            .bind(role)
+            .bind(now_ms)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| conflict(e, || format!("a user with email `{email}` already exists")))?;
+            let mut audit = audit.clone();
+            // The setup link has no actor yet: the new owner is its own actor.
+            if audit.actor_type == "setup" {
+                audit.actor_id = Some(user.id.to_string());
+            }
+            insert_audit!(&mut *tx, audit).await?;
+            tx.commit().await?;
+            user
+        });
+        Ok(user)
+    }
+
+    pub async fn users(&self) -> Result<Vec<User>, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, User>(
+            "SELECT id, email, role, created_at, disabled_at FROM users ORDER BY email"
+        )
+        .fetch_all(pool)
+        .await)?)
+    }
+
+    /// A user and its password hash, for login.
+    pub async fn user_for_login(&self, email: &str) -> Result<Option<(User, String)>, StoreError> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            id: i64,
+            email: String,
+            role: String,
+            created_at: i64,
+            disabled_at: Option<i64>,
+            password_hash: String,
+        }
+        let row = on_pool!(self, |pool| {
+            sqlx::query_as::<_, Row>(
+            "SELECT id, email, role, created_at, disabled_at, password_hash FROM users WHERE email = $1"
+        )
+        .bind(email)
+        .fetch_optional(pool)
+        .await
+        })?;
+        Ok(row.map(|r| {
+            (
+                User {
+                    id: r.id,
+                    email: r.email,
+                    role: r.role,
+                    created_at: r.created_at,
+                    disabled_at: r.disabled_at,
+                },
+                r.password_hash,
+            )
+        }))
+    }
+
+    // ---- sessions ---------------------------------------------------------------------
+
+    pub async fn insert_session(&self, s: &NewSession) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+            "INSERT INTO sessions (token_digest, user_id, csrf_token, created_at, last_seen_at, client_addr)
+             VALUES ($1, $2, $3, $4, $4, $5)"
+        )
+        .bind(&s.token_digest)
+        .bind(s.user_id)
+        .bind(&s.csrf_token)
+        .bind(s.created_at)
+        .bind(&s.client_addr)
+        .execute(pool)
+        .await
+        .map(drop)
+        })?;
+        Ok(())
+    }
+
+    pub async fn session_by_digest(
+        &self,
+        digest: &str,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let sql = format!("{SESSION} WHERE s.token_digest = $1");
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, SessionRecord>(
+            &sql
+        )
+        .bind(digest)
+        .fetch_optional(pool)
+        .await)?)
+    }
+
+    pub async fn touch_session(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
+        on_pool!(self, |pool| sqlx::query(
+            "UPDATE sessions SET last_seen_at = $1 WHERE id = $2 AND last_seen_at < $1"
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(drop))?;
+        Ok(())
+    }
+
+    /// Ends a session (logout, idle expiry); an ended session never resolves again.
+    pub async fn end_session(&self, id: i64, now_ms: i64) -> Result<(), StoreError> {
+        on_pool!(self, |pool| sqlx::query(
+            "UPDATE sessions SET ended_at = $1 WHERE id = $2 AND ended_at IS NULL"
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(drop))?;
+        Ok(())
+    }
+
+    // ---- audit ------------------------------------------------------------------------
+
+    /// Audit entries matching `f`, newest first.
+    pub async fn audit_page(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let sql =
+            "SELECT id, at, actor_type, actor_id, action, key_prefix, scopes, detail, client_addr
+                     FROM audit_log
+                    WHERE ($1 IS NULL OR actor_type = $1)
+                      AND ($2 IS NULL OR action = $2)
+                      AND ($3 IS NULL OR key_prefix = $3)
+                      AND ($4 IS NULL OR at >= $4)
+                      AND ($5 IS NULL OR at < $5)
+                      AND ($6 IS NULL OR id < $6)
+                    ORDER BY id DESC LIMIT $7";
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, AuditRecord>(
+            sql
+        )
+        .bind(&f.actor_type)
+        .bind(&f.action)
+        .bind(&f.key_prefix)
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.before_id)
+        .bind(f.limit)
+        .fetch_all(pool)
+        .await)?)
+    }
+
+    /// Appends many audit entries with multi-row inserts (1,000 rows per statement) in one
+    /// transaction: what the proxied-request audit writer needs to keep up with traffic.
+    pub async fn append_audit_batch(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in entries.chunks(1_000) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_log (at, actor_type, actor_id, action, key_prefix, scopes, detail, client_addr) ",
+                );
+                q.push_values(chunk, |mut row, a| {
+                    row.push_bind(a.at)
+                        .push_bind(&a.actor_type)
+                        .push_bind(&a.actor_id)
+                        .push_bind(&a.action)
+                        .push_bind(&a.key_prefix)
+                        .push_bind(&a.scopes)
+                        .push_bind(&a.detail)
+                        .push_bind(&a.client_addr);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    // ---- gateways ---------------------------------------------------------------------
+
+    /// Keys held by paired gateways, for the keys list (read-only here).
+    pub async fn gateway_keys(&self) -> Result<Vec<GatewayKey>, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as::<_, GatewayKey>(
+            "SELECT id, name, prefix, scopes, paired_at, last_seen_at FROM gateways
+              WHERE prefix IS NOT NULL AND unpaired_at IS NULL ORDER BY name"
+        )
+        .fetch_all(pool)
+        .await)?)
+    }
+
+    // ---- usage ------------------------------------------------------------------------
+
+    /// Writes each key's last client address, one statement for the batch (with the
+    /// last-used flush).
+    pub async fn stamp_client_addrs(&self, addrs: &[(i64, String)]) -> Result<(), StoreError> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Postgres(pool) => {
+                let (ids, values): (Vec<i64>, Vec<String>) = addrs.iter().cloned().unzip();
+                sqlx::query(
+                    "UPDATE api_keys AS t SET last_client_addr = v.addr
+                       FROM unnest($1::BIGINT[], $2::TEXT[]) AS v(id, addr)
+                      WHERE t.id = v.id",
+                )
+                .bind(ids)
+                .bind(values)
+                .execute(pool)
+                .await?;
+            }
+            Store::Sqlite(pool) => {
+                let json = serde_json::to_string(addrs).unwrap_or_else(|_| "[]".into());
+                sqlx::query(
+                    "UPDATE api_keys SET last_client_addr = v.addr
+                       FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS addr
+                               FROM json_each($1)) AS v
+                      WHERE api_keys.id = v.id",
+                )
+                .bind(json)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- rotation ---------------------------------------------------------------------
+
+    /// Links `old_id` to its replacement, sets the old key's expiry and auto-retire rule, in
+    /// one transaction with its audit entry. The old key must still be active.
+    pub async fn link_replacement(
+        &self,
+        old_id: i64,
+        new_id: i64,
+        old_expires_at: i64,
+        retire_after_idle_ms: Option<i64>,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let changed = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let n = sqlx::query(
+                "UPDATE api_keys SET replaced_by = $1, expires_at = $2, retire_after_idle_ms = $3
+                  WHERE id = $4 AND revoked_at IS NULL",
+            )
+            .bind(new_id)
+            .bind(old_expires_at)
+            .bind(retire_after_idle_ms)
+            .bind(old_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                insert_audit!(&mut *tx, audit).await?;
+            }
+            tx.commit().await?;
+            n
+        });
+        if changed == 0 {
+            return Err(StoreError::Conflict(format!(
+                "key {old_id} is revoked; it cannot be replaced"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Active keys that have a replacement and an auto-retire rule, with their replacements.
+    pub async fn retire_candidates(&self) -> Result<Vec<(KeyRecord, KeyRecord)>, StoreError> {
+        let sql = format!(
+            "{KEY_RECORD} WHERE k.replaced_by IS NOT NULL AND k.revoked_at IS NULL
+                          AND k.retire_after_idle_ms IS NOT NULL"
+        );
+        let old = on_pool!(self, |pool| sqlx::query_as::<_, KeyRecord>(&sql)
+            .fetch_all(pool)
+            .await)?;
+        let mut pairs = Vec::with_capacity(old.len());
+        for o in old {
+            if let Some(new) = self.key(o.replaced_by.unwrap_or_default()).await? {
+                pairs.push((o, new));
+            }
+        }
+        Ok(pairs)
+    }
+}

@@ -1,0 +1,449 @@
+//! The admin JSON API and console over real HTTP, on both engines: setup link, login and
+//! sessions, every role × action, CSRF, the key lifecycle, audit filters and export.
+
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use keygate::clock::{system_now_ms, Clock};
+use keygate::manage::{Actor, Password, Role};
+use serde_json::{json, Value};
+
+use crate::both_engines;
+use crate::harness::*;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A logged-in API client: the session cookie and the CSRF token login returned.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+pub async fn add_user(app: &TestApp, email: &str, role: Role) {
+    app.manager
+        .add_user(email, role, &Password::new(PASSWORD), &Actor::cli())
+        .await
+        .expect("add user");
+}
+
+pub async fn login(app: &TestApp, email: &str) -> Session {
+    let r = admin(
+        app,
+        Method::POST,
+        "/admin/api/v1/login",
+        None,
+        None,
+        Some(json!({"email": email, "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set_cookie = r.headers["set-cookie"].to_str().expect("ascii").to_string();
+    let cookie = set_cookie
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_string();
+    Session {
+        cookie,
+        csrf: r.json()["csrf_token"].as_str().expect("csrf").to_string(),
+    }
+}
+
+/// Logs in a new user with `role` and returns its session.
+pub async fn session_as(app: &TestApp, role: Role) -> Session {
+    let email = format!("{}@example.com", role.as_str());
+    add_user(app, &email, role).await;
+    login(app, &email).await
+}
+
+/// One admin request: `csrf` is sent as `X-CSRF-Token` when given.
+pub async fn admin(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    session: Option<&Session>,
+    csrf: Option<&str>,
+    body: Option<Value>,
+) -> TestResponse {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{}{}", app.admin_addr, path));
+    if let Some(s) = session {
+        req = req.header("cookie", &s.cookie);
+    }
+    if let Some(c) = csrf {
+        req = req.header("x-csrf-token", c);
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(full(b.to_string())),
+        None => req.body(empty()),
+    }
+    .expect("request");
+    app.send(req).await
+}
+
+/// A state-changing call with the session's own CSRF token.
+pub async fn change(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    s: &Session,
+    body: Option<Value>,
+) -> TestResponse {
+    admin(app, method, path, Some(s), Some(&s.csrf), body).await
+}
+
+pub async fn get(app: &TestApp, path: &str, s: &Session) -> TestResponse {
+    admin(app, Method::GET, path, Some(s), None, None).await
+}
+
+/// Creates an account and a key through the API; returns (account id, key id, key).
+pub async fn account_with_key(
+    app: &TestApp,
+    s: &Session,
+    name: &str,
+    scopes: &[&str],
+) -> (i64, i64, String) {
+    let r = change(
+        app,
+        Method::POST,
+        "/admin/api/v1/service-accounts",
+        s,
+        Some(json!({"name": name})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let account = r.json()["id"].as_i64().expect("id");
+    let r = change(
+        app,
+        Method::POST,
+        &format!("/admin/api/v1/service-accounts/{account}/keys"),
+        s,
+        Some(json!({"name": "primary", "scopes": scopes})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let key = v["key"]
+        .as_str()
+        .expect("the create response carries the key")
+        .to_string();
+    app.wait_for_key(&key[..8]).await;
+    (account, v["id"].as_i64().expect("id"), key)
+}
+
+both_engines! {
+    async fn the_setup_link_creates_the_owner_once_and_nothing_else(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let url = app.keygate.as_ref().expect("running").setup_url.clone().expect("no users: a setup link");
+        let path_and_query = &url[url.find("/admin").expect("path")..];
+        let token = url.split("token=").nth(1).expect("token");
+
+        let page = app.admin_get(path_and_query).await;
+        assert_eq!(page.status, 200);
+        assert!(page.text().contains("Create the owner account"));
+        assert!(app.admin_get("/admin/setup?token=wrong").await.status == 404);
+
+        let form = |email: &str| format!("token={token}&email={email}&password=a+long+enough+password");
+        let post = |body: String| Request::post(format!("http://{}/admin/setup", app.admin_addr))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full(body)).expect("request");
+        let r = app.send(post(form("first%40example.com"))).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text());
+        assert!(r.headers["set-cookie"].to_str().expect("ascii").contains("HttpOnly"));
+        let again = app.send(post(form("second%40example.com"))).await;
+        assert_eq!(again.status, 404, "the link works once");
+
+        let users = app.manager.store.users().await.expect("users");
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].email, "first@example.com");
+        assert_eq!(users[0].role, "owner");
+    }
+}
+
+both_engines! {
+    async fn login_sets_a_strict_http_only_cookie_and_logout_ends_the_session(engine: Engine) {
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Admin).await;
+        let r = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "ada@example.com", "password": PASSWORD}))).await;
+        assert_eq!(r.status, 200);
+        let cookie = r.headers["set-cookie"].to_str().expect("ascii");
+        assert!(cookie.starts_with("keygate_session="), "{cookie}");
+        for attr in ["HttpOnly", "SameSite=Strict", "Path=/admin"] {
+            assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+        }
+        assert!(!cookie.contains("Secure"), "secure_cookies defaults to false");
+        assert!(!r.text().contains(PASSWORD));
+
+        let s = login(&app, "ada@example.com").await;
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.json()["user"]["role"], "admin");
+        let no_csrf = admin(&app, Method::POST, "/admin/api/v1/logout", Some(&s), None, None).await;
+        assert_eq!(no_csrf.status, 403);
+        assert_eq!(change(&app, Method::POST, "/admin/api/v1/logout", &s, None).await.status, 204);
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.status, 401, "the session ended");
+        assert_eq!(app.admin_get("/admin/api/v1/service-accounts").await.status, 401);
+        let console = app.admin_get("/admin/service-accounts").await;
+        assert_eq!(console.status, StatusCode::SEE_OTHER);
+        assert_eq!(console.headers["location"], "/admin/login");
+    }
+}
+
+both_engines! {
+    async fn failed_logins_are_audited_and_throttled_per_email(engine: Engine) {
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Owner).await;
+        for _ in 0..5 {
+            let r = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+                Some(json!({"email": "ada@example.com", "password": "wrong password!"}))).await;
+            assert_eq!(r.status, 401);
+            assert!(!r.text().contains("wrong password!"));
+        }
+        let r = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "ada@example.com", "password": PASSWORD}))).await;
+        assert_eq!(r.status, 429, "throttled even with the right password");
+        assert!(r.headers.contains_key("retry-after"));
+        let unknown = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "nobody@example.com", "password": PASSWORD}))).await;
+        assert_eq!(unknown.status, 401, "an unknown email looks like a wrong password");
+
+        let failed = app.manager.store.audit(100).await.expect("audit")
+            .into_iter().filter(|a| a.action == "user.login_failed").count();
+        assert_eq!(failed, 6);
+        let all = format!("{:?}", app.manager.store.audit(100).await.expect("audit"));
+        assert!(!all.contains(PASSWORD) && !all.contains("wrong password!"), "passwords are never audited");
+    }
+}
+
+both_engines! {
+    async fn only_owners_and_admins_may_change_accounts_and_keys(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let owner = session_as(&app, Role::Owner).await;
+        let (account, key_id, _) = account_with_key(&app, &owner, "billing", &["recordings:read"]).await;
+
+        for role in [Role::Owner, Role::Admin, Role::Operator, Role::Viewer] {
+            let s = if role == Role::Owner { owner.clone() } else { session_as(&app, role).await };
+            let allowed = role.manages_keys();
+            let n = role.as_str();
+            // Reading is open to every role, and never shows a key or a hash.
+            let list = get(&app, &format!("/admin/api/v1/service-accounts/{account}"), &s).await;
+            assert_eq!(list.status, 200, "{n}");
+            assert!(list.json()["keys"][0].get("key").is_none());
+            assert!(!list.text().contains("argon2"));
+
+            let key_path = |k: i64| format!("/admin/api/v1/keys/{k}");
+            // A key of the role's own to revoke, made by the owner.
+            let r = change(&app, Method::POST, &format!("/admin/api/v1/service-accounts/{account}/keys"), &owner,
+                Some(json!({"name": format!("for-{n}"), "scopes": ["recordings:read"]}))).await;
+            let victim = r.json()["id"].as_i64().expect("id");
+
+            let calls: Vec<(&str, Method, String, Option<Value>, u16)> = vec![
+                ("create account", Method::POST, "/admin/api/v1/service-accounts".into(), Some(json!({"name": format!("acct-{n}")})), 201),
+                ("issue key", Method::POST, format!("/admin/api/v1/service-accounts/{account}/keys"), Some(json!({"name": format!("by-{n}"), "scopes": ["recordings:read"]})), 201),
+                ("change expiry", Method::PATCH, key_path(key_id), Some(json!({"expires_at": "2099-01-01T00:00:00Z"})), 200),
+                ("clear expiry", Method::PATCH, key_path(key_id), Some(json!({"expires_at": null})), 200),
+                ("create replacement", Method::POST, format!("{}/replace", key_path(victim)), Some(json!({"name": format!("next-{n}")})), 201),
+                ("revoke", Method::POST, format!("{}/revoke", key_path(victim)), None, 200),
+            ];
+            for (what, method, path, body, ok) in calls {
+                let r = change(&app, method, &path, &s, body).await;
+                if allowed {
+                    assert_eq!(r.status.as_u16(), ok, "{n} {what}: {}", r.text());
+                } else {
+                    assert_eq!(r.status, 403, "{n} {what}");
+                    assert_eq!(r.json()["message"], "API key issuance is admin/owner-only", "{n} {what}");
+                }
+            }
+        }
+        // Nothing the operator or viewer tried was written.
+        let accounts = app.manager.store.accounts().await.expect("accounts");
+        let names: Vec<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["acct-admin", "acct-owner", "billing"]);
+        let keys = app.manager.store.keys(Some(account)).await.expect("keys");
+        assert!(keys.iter().all(|k| !k.name.starts_with("by-operator") && !k.name.starts_with("by-viewer")));
+        assert!(keys.iter().filter(|k| k.name == "for-operator" || k.name == "for-viewer").all(|k| k.revoked_at.is_none()));
+    }
+}
+
+both_engines! {
+    async fn state_changing_calls_without_the_csrf_token_are_refused_and_change_nothing(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Owner).await;
+        let (account, key_id, _) = account_with_key(&app, &s, "billing", &["recordings:read"]).await;
+        let calls: Vec<(Method, String, Option<Value>)> = vec![
+            (Method::POST, "/admin/api/v1/service-accounts".into(), Some(json!({"name": "forged"}))),
+            (Method::POST, format!("/admin/api/v1/service-accounts/{account}/keys"), Some(json!({"name": "forged", "scopes": ["recordings:read"]}))),
+            (Method::PATCH, format!("/admin/api/v1/keys/{key_id}"), Some(json!({"expires_at": "2099-01-01T00:00:00Z"}))),
+            (Method::POST, format!("/admin/api/v1/keys/{key_id}/replace"), Some(json!({"name": "forged"}))),
+            (Method::POST, format!("/admin/api/v1/keys/{key_id}/revoke"), None),
+            (Method::POST, "/admin/api/v1/logout".into(), None),
+        ];
+        for (method, path, body) in calls {
+            for token in [None, Some("0".repeat(64))] {
+                let r = admin(&app, method.clone(), &path, Some(&s), token.as_deref(), body.clone()).await;
+                assert_eq!(r.status, 403, "{method} {path} with {token:?}");
+                assert_eq!(r.json()["error"], "csrf");
+            }
+        }
+        assert_eq!(app.manager.store.accounts().await.expect("accounts").len(), 1);
+        let keys = app.manager.store.keys(None).await.expect("keys");
+        assert_eq!(keys.len(), 1);
+        assert!(keys[0].revoked_at.is_none() && keys[0].expires_at.is_none());
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.status, 200, "still logged in");
+
+        // Console forms need the hidden field just the same.
+        let r = app.send(Request::post(format!("http://{}/admin/keys/{key_id}/revoke", app.admin_addr))
+            .header("cookie", &s.cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("csrf=nope")).expect("request")).await;
+        assert_eq!(r.status, 403);
+        assert!(app.manager.store.key(key_id).await.expect("key").expect("exists").revoked_at.is_none());
+    }
+}
+
+both_engines! {
+    async fn a_key_lives_its_whole_life_through_the_api_and_the_audit_shows_prefixes_only(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Admin).await;
+        let (account, key_id, key) = account_with_key(&app, &s, "billing", &["recordings:read", "tickets:write"]).await;
+        assert_eq!(app.get("/recordings/1", Some(&key)).await.status, 200);
+
+        let bad = change(&app, Method::POST, &format!("/admin/api/v1/service-accounts/{account}/keys"), &s,
+            Some(json!({"name": "typo", "scopes": ["recordings:raed"]}))).await;
+        assert_eq!(bad.status, 400, "scopes come from the configured routes");
+        let dup = change(&app, Method::POST, &format!("/admin/api/v1/service-accounts/{account}/keys"), &s,
+            Some(json!({"name": "primary", "scopes": ["recordings:read"]}))).await;
+        assert_eq!(dup.status, 409);
+
+        let listed = get(&app, &format!("/admin/api/v1/service-accounts/{account}/keys"), &s).await;
+        let listed = listed.json();
+        assert_eq!(listed["keys"][0]["prefix"], &key[..8]);
+        assert_eq!(listed["keys"][0]["status"], "active");
+        assert_eq!(listed["keys"][0]["stale"], false);
+        assert!(!listed.to_string().contains(&key[9..]), "a list never holds the key");
+
+        let r = change(&app, Method::PATCH, &format!("/admin/api/v1/keys/{key_id}"), &s, Some(json!({"expires_at": "2099-01-01T00:00:00Z"}))).await;
+        assert_eq!(r.json()["status"], "expiring");
+        let r = change(&app, Method::PATCH, &format!("/admin/api/v1/keys/{key_id}"), &s, Some(json!({"expires_at": "not a time"}))).await;
+        assert_eq!(r.status, 400);
+
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{key_id}/revoke"), &s, None).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["status"], "revoked");
+        let again = change(&app, Method::POST, &format!("/admin/api/v1/keys/{key_id}/revoke"), &s, None).await;
+        assert_eq!(again.status, 409);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while app.get("/recordings/1", Some(&key)).await.status != 401 {
+            assert!(std::time::Instant::now() < deadline, "the revoked key keeps working");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(&app, "/admin/api/v1/keys/999999", &s).await.status, 404);
+
+        let audit = get(&app, &format!("/admin/api/v1/audit?key_prefix={}", &key[..8]), &s).await.json();
+        let changes: Vec<&str> = audit["entries"].as_array().expect("entries").iter()
+            .map(|e| e["detail"]["change"].as_str().unwrap_or("")).collect();
+        assert_eq!(changes, ["key.revoked", "key.expiry_changed", "key.created"], "newest first");
+        let created = &audit["entries"][2];
+        assert_eq!(created["actor_type"], "user");
+        assert_eq!(created["action"], "user.updated");
+        assert_eq!(created["scopes"], json!(["recordings:read", "tickets:write"]));
+        assert_eq!(created["client_addr"], "127.0.0.1");
+        let export = get(&app, "/admin/api/v1/audit?format=jsonl", &s).await;
+        assert_eq!(export.headers["content-type"], "application/x-ndjson");
+        let lines: Vec<Value> = export.text().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+        assert!(lines.len() >= 5, "{lines:?}");
+        assert!(!export.text().contains(&key) && !export.text().contains(&key[9..]), "no key in the audit");
+
+        let page1 = get(&app, "/admin/api/v1/audit?limit=2", &s).await.json();
+        let before = page1["next_before"].as_i64().expect("more pages");
+        let page2 = get(&app, &format!("/admin/api/v1/audit?limit=2&before={before}"), &s).await.json();
+        assert!(page2["entries"][0]["id"].as_i64() < page1["entries"][1]["id"].as_i64());
+        let users = get(&app, "/admin/api/v1/audit?actor_type=user&action=user.login", &s).await.json();
+        assert_eq!(users["entries"].as_array().expect("entries").len(), 1);
+        let future = get(&app, "/admin/api/v1/audit?since=2099-01-01T00:00:00Z", &s).await.json();
+        assert_eq!(future["entries"], json!([]));
+        assert_eq!(get(&app, "/admin/api/v1/audit?since=yesterday", &s).await.status, 400);
+    }
+}
+
+both_engines! {
+    async fn an_account_named_like_a_script_is_escaped_in_the_console(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Owner).await;
+        let evil = "<script>alert(1)</script>";
+        let r = change(&app, Method::POST, "/admin/api/v1/service-accounts", &s, Some(json!({"name": evil}))).await;
+        assert_eq!(r.status, 201);
+        let id = r.json()["id"].as_i64().expect("id");
+        for path in ["/admin/service-accounts".to_string(), format!("/admin/service-accounts/{id}")] {
+            let page = get(&app, &path, &s).await;
+            assert_eq!(page.status, 200);
+            let html = page.text();
+            assert!(!html.contains(evil), "{path} renders the name raw");
+            assert!(html.contains("&#60;script&#62;alert(1)&#60;/script&#62;") || html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{path}");
+            assert_eq!(page.headers["content-security-policy"].to_str().expect("ascii").split(';').next(), Some("default-src 'self'"));
+            assert!(page.headers["content-security-policy"].to_str().expect("ascii").contains("frame-ancestors 'none'"));
+            assert_eq!(page.headers["x-content-type-options"], "nosniff");
+        }
+        let bad = change(&app, Method::POST, "/admin/api/v1/service-accounts", &s, Some(json!({"name": "two\nlines"}))).await;
+        assert_eq!(bad.status, 400, "no control characters: the name becomes a header value");
+    }
+}
+
+both_engines! {
+    async fn an_idle_session_expires_and_unused_keys_are_flagged_stale(engine: Engine) {
+        let clock = Clock::manual(system_now_ms());
+        let app = spawn_app_with(engine, AppOptions { clock: clock.clone(), ..Default::default() }).await;
+        let s = session_as(&app, Role::Viewer).await;
+        let owner = session_as(&app, Role::Owner).await;
+        let (account, _, _) = account_with_key(&app, &owner, "billing", &["recordings:read"]).await;
+        clock.advance_ms(29 * 60_000);
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.status, 200, "activity keeps it alive");
+        clock.advance_ms(29 * 60_000);
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.status, 200);
+        clock.advance_ms(30 * 60_000);
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.status, 401, "idle for 30 minutes");
+        assert_eq!(get(&app, "/admin/api/v1/session", &s).await.status, 401, "and it stays ended");
+
+        let owner = login(&app, "owner@example.com").await;
+        let keys = get(&app, &format!("/admin/api/v1/service-accounts/{account}/keys"), &owner).await.json();
+        assert_eq!(keys["keys"][0]["stale"], false);
+        clock.advance_ms(30 * 86_400_000);
+        let owner = login(&app, "owner@example.com").await;
+        let keys = get(&app, &format!("/admin/api/v1/service-accounts/{account}/keys"), &owner).await.json();
+        assert_eq!(keys["keys"][0]["stale"], true, "unused for 30 days");
+    }
+}
+
+both_engines! {
+    async fn gateway_keys_are_listed_as_gateway_owned_and_cannot_be_revoked_here(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Owner).await;
+        let prefix = keygate::keys::generate(keygate::keys::KeyKind::Gateway).prefix().to_string();
+        // Pairing belongs to the gateway flow; a paired row is all this test needs.
+        let sql = "INSERT INTO gateways (name, prefix, api_key_hash, scopes, created_at, created_by, paired_at)
+                   VALUES ('edge-1', $1, '$argon2id$fake', 'recordings:read', 1, 'test', 1)";
+        match &app.manager.store {
+            keygate::store::Store::Sqlite(p) => { sqlx::query(sql).bind(&prefix).execute(p).await.expect("insert"); }
+            keygate::store::Store::Postgres(p) => { sqlx::query(sql).bind(&prefix).execute(p).await.expect("insert"); }
+        }
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{prefix}/revoke"), &s, None).await;
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert!(r.json()["message"].as_str().expect("message").contains("gateway unpair flow"));
+        let viewer = session_as(&app, Role::Viewer).await;
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{prefix}/revoke"), &viewer, None).await;
+        assert_eq!(r.status, 403, "the role check comes first");
+
+        let page = get(&app, "/admin/service-accounts", &s).await.text();
+        let row = &page[page.find(&format!("data-prefix=\"{prefix}\"")).expect("the gateway key is listed")..];
+        let row = &row[..row.find("</tr>").expect("row end")];
+        assert!(row.contains("gateway-owned") && row.contains("disabled") && row.contains("unpair"), "{row}");
+
+        // Service-account keys can be named by prefix as well as by id.
+        let (_, _, key) = account_with_key(&app, &s, "billing", &["recordings:read"]).await;
+        let r = get(&app, &format!("/admin/api/v1/keys/{}", &key[..8]), &s).await;
+        assert_eq!(r.json()["prefix"], &key[..8]);
+    }
+}
