@@ -18,6 +18,7 @@ use crate::keys::{KeyTable, Verifier};
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
 use crate::sync;
+use crate::tls::{CertStore, TlsError};
 use crate::usage::Usage;
 
 /// A running instance.
@@ -27,6 +28,8 @@ pub struct Keygate {
     pub table: Arc<KeyTable>,
     pub store: Store,
     pub proxy: Arc<ProxyState>,
+    /// The proxy listener's certificate when it serves TLS.
+    pub certs: Option<Arc<CertStore>>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -45,6 +48,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Binds the proxy and admin listeners from the configuration.
@@ -79,13 +84,22 @@ pub async fn start(
     let table = Arc::new(KeyTable::new());
     let verifier = Arc::new(Verifier::new(&config.verification));
     let usage = Arc::new(Usage::new());
-    let proxy_state = Arc::new(ProxyState::new(
+    crate::tls::install_provider();
+    let certs = match &config.proxy.tls {
+        Some(tls) => Some(CertStore::load(tls)?),
+        None => None,
+    };
+    let mut proxy_state = ProxyState::new(
         config,
         table.clone(),
         verifier,
         usage.clone(),
         clock.clone(),
-    ));
+    )?;
+    if let Some(certs) = &certs {
+        proxy_state = proxy_state.with_tls(certs.clone());
+    }
+    let proxy_state = Arc::new(proxy_state);
     let admin_state = Arc::new(AdminState {
         table: table.clone(),
         clock: clock.clone(),
@@ -96,7 +110,7 @@ pub async fn start(
     let proxy_addr = proxy::local_addr(&proxy_listener);
     let admin_addr = proxy::local_addr(&admin_listener);
 
-    let background = vec![
+    let mut background = vec![
         tokio::spawn(sync::run(
             store.clone(),
             table.clone(),
@@ -110,6 +124,13 @@ pub async fn start(
             stop_background.clone(),
         )),
     ];
+    if let (Some(certs), Some(tls)) = (&certs, &config.proxy.tls) {
+        background.push(tokio::spawn(
+            certs
+                .clone()
+                .watch(tls.watch_interval, stop_background.clone()),
+        ));
+    }
     let listeners = vec![
         tokio::spawn(proxy::serve(
             proxy_listener,
@@ -137,6 +158,7 @@ pub async fn start(
         table,
         store,
         proxy: proxy_state,
+        certs,
         stop_accepting,
         stop_background,
         listeners,
@@ -155,6 +177,15 @@ impl Keygate {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         true
+    }
+
+    /// Re-reads the proxy listener's certificate and key (for SIGHUP). Open connections keep
+    /// their session; on error the previous certificate stays in use. No-op without TLS.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.certs {
+            Some(certs) => certs.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Graceful stop: stop accepting, drain requests (bounded by `proxy.shutdown_grace`), then

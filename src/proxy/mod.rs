@@ -27,8 +27,11 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use body::{BoxError, IdleTimeout, ProxyBody};
@@ -38,8 +41,9 @@ pub use path::{canonical_path, PathError};
 pub use route::{Route, Router};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ProxyLimits};
 use crate::keys::{KeyTable, Verifier};
+use crate::tls::{self, CertStore, TlsError};
 use crate::usage::Usage;
 use upstream::UpstreamClient;
 
@@ -54,6 +58,9 @@ pub struct ProxyState {
     idle_timeout: Duration,
     header_read_timeout: Duration,
     access_log: bool,
+    limits: ProxyLimits,
+    /// TLS on the listener; `None` serves plain HTTP.
+    tls: Option<TlsAcceptor>,
 }
 
 impl ProxyState {
@@ -63,18 +70,26 @@ impl ProxyState {
         verifier: Arc<Verifier>,
         usage: Arc<Usage>,
         clock: Clock,
-    ) -> Self {
-        ProxyState {
+    ) -> Result<Self, TlsError> {
+        Ok(ProxyState {
             router: Router::new(&config.routes),
             table,
             verifier,
             usage,
             clock,
-            client: UpstreamClient::new(config.proxy.upstream_timeout),
+            client: UpstreamClient::new(&config.routes, config.proxy.upstream_timeout)?,
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
             access_log: config.log.access_log,
-        }
+            limits: config.proxy.limits.clone(),
+            tls: None,
+        })
+    }
+
+    /// Serves TLS with the certificate in `certs` (reloadable while serving).
+    pub fn with_tls(mut self, certs: Arc<CertStore>) -> Self {
+        self.tls = Some(TlsAcceptor::from(tls::server_config(certs)));
+        self
     }
 }
 
@@ -86,19 +101,37 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let limits = &state.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.header_read_timeout);
+        // hyper starts this timer whenever it waits for a request head, so it also bounds an
+        // idle keep-alive connection.
+        .header_read_timeout(state.header_read_timeout)
+        .max_headers(limits.max_headers)
+        // hyper answers 431 once the head outgrows its read buffer.
+        .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
 
     loop {
+        // At the connection cap, stop accepting: new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -116,17 +149,25 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(pipeline::handle(&state, peer, req).await)
+            let _permit = permit;
+            match state.tls.clone() {
+                None => serve_connection(&builder, stream, state, peer, false, watcher).await,
+                Some(acceptor) => {
+                    let handshake = state.limits.tls_handshake_timeout;
+                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(&builder, tls, state, peer, true, watcher).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(
+                            peer = %peer,
+                            timeout_ms = handshake.as_millis() as u64,
+                            "TLS handshake timed out"
+                        ),
+                    }
                 }
-            });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         });
     }
@@ -139,6 +180,28 @@ pub async fn serve(
             grace_ms = grace.as_millis() as u64,
             "shutdown grace elapsed; closing remaining connections"
         );
+    }
+}
+
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    tls: bool,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(pipeline::handle(&state, peer, tls, req).await) }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -40,6 +40,7 @@ struct Grant<'s> {
 pub(super) async fn handle(
     state: &ProxyState,
     peer: SocketAddr,
+    tls: bool,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -47,12 +48,12 @@ pub(super) async fn handle(
     let method = req.method().clone();
     let mut trail = Trail::default();
 
-    let authorised = authorize(state, &req, &mut trail).await;
+    let authorised = authorize(state, peer, &req, &mut trail).await;
     let auth_us = started.elapsed().as_micros() as u64;
     let (mut response, outcome, reason) = match authorised {
         Ok(grant) => {
             let upstream_started = Instant::now();
-            let result = forward(state, grant, peer, req, &request_id).await;
+            let result = forward(state, grant, peer, tls, req, &request_id).await;
             let upstream_ms = upstream_started.elapsed().as_millis() as u64;
             match result {
                 Ok(response) => {
@@ -100,6 +101,7 @@ pub(super) async fn handle(
 /// Steps 1–6: everything that decides whether the request may pass.
 async fn authorize<'s>(
     state: &'s ProxyState,
+    peer: SocketAddr,
     req: &Request<Incoming>,
     trail: &mut Trail<'s>,
 ) -> Result<Grant<'s>, Rejection> {
@@ -146,11 +148,15 @@ async fn authorize<'s>(
     }
     state
         .verifier
-        .verify(&entry, &key)
+        .verify(&entry, &key, peer.ip())
         .await
         .map_err(|e| match e {
             VerifyError::Mismatch => Rejection::Unauthorized(AuthFailure::Unknown),
             VerifyError::Busy => Rejection::Busy,
+            // Round up: never tell a client to come back before the window ends.
+            VerifyError::Throttled(wait) => {
+                Rejection::Throttled(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
         })?;
     trail.entry = Some(entry.clone());
 
@@ -169,6 +175,7 @@ async fn forward(
     state: &ProxyState,
     grant: Grant<'_>,
     peer: SocketAddr,
+    tls: bool,
     req: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
@@ -186,7 +193,7 @@ async fn forward(
         &mut parts.headers,
         Forwarding {
             client_ip: peer.ip(),
-            proto: "http",
+            proto: if tls { "https" } else { "http" },
             original_host,
             upstream_host: upstream.authority.as_str(),
             identity: &grant.entry.identity,
@@ -208,7 +215,7 @@ async fn forward(
 
     state.usage.record(&grant.entry, state.clock.now_ms());
     let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
-    let response = state.client.send(request).await?;
+    let response = state.client.send(grant.route, request).await?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(
