@@ -77,6 +77,44 @@ where
     }
 }
 
+/// A request body without its trailer fields. Upstreams that merge trailers into headers
+/// (CGI-style) would otherwise let a client send `X-Keygate-Account` after the checks ran.
+pub struct DataOnly<B> {
+    inner: B,
+}
+
+impl<B> DataOnly<B> {
+    pub fn new(inner: B) -> Self {
+        DataOnly { inner }
+    }
+}
+
+impl<B> Body for DataOnly<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// What keygate answers with: its own small JSON bodies, or the upstream's stream.
 pub enum ProxyBody {
     Full(Option<Bytes>),

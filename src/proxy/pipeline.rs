@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Parts, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use super::body::{IdleTimeout, ProxyBody};
+use super::body::{DataOnly, IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
     extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding,
@@ -116,6 +116,7 @@ async fn authorize<'s>(
             "content_length_with_transfer_encoding",
         ));
     }
+    check_framing(req)?;
     if req.method() == Method::CONNECT {
         return Err(Rejection::BadRequest("connect_not_supported"));
     }
@@ -170,6 +171,37 @@ async fn authorize<'s>(
     })
 }
 
+/// What hyper accepts but an upstream or a middlebox could read differently: refused.
+fn check_framing(req: &Request<Incoming>) -> Result<(), Rejection> {
+    let headers = req.headers();
+    // keygate removes Transfer-Encoding and re-frames the body; any coding but a lone
+    // `chunked` (e.g. `gzip, chunked`) would change the bytes the upstream reads.
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(Rejection::BadRequest("unsupported_transfer_encoding"));
+        }
+    }
+    // Several Host headers (RFC 9112 §3.2: 400), or a Host that disagrees with an
+    // absolute-form target: which one names the resource is ambiguous.
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Rejection::BadRequest("ambiguous_host"));
+    }
+    if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
+        if req.version() < Version::HTTP_2 && host.as_bytes() != authority.as_str().as_bytes() {
+            return Err(Rejection::BadRequest("ambiguous_host"));
+        }
+    }
+    // Tunnels are not supported: an Upgrade is refused rather than silently dropped, so
+    // nothing can switch protocols behind keygate's back.
+    if headers.contains_key(UPGRADE) {
+        return Err(Rejection::BadRequest("upgrade_not_supported"));
+    }
+    Ok(())
+}
+
 /// Steps 7–9 for an authorised request.
 async fn forward(
     state: &ProxyState,
@@ -214,8 +246,16 @@ async fn forward(
     parts.version = Version::HTTP_11;
 
     state.usage.record(&grant.entry, state.clock.now_ms());
-    let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
+    let request = Request::from_parts(
+        parts,
+        IdleTimeout::new(DataOnly::new(body), state.idle_timeout),
+    );
     let response = state.client.send(grant.route, request).await?;
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // keygate asked for no upgrade and tunnels nothing: a 101 is an upstream fault.
+        tracing::warn!("upstream answered 101 to a request without Upgrade");
+        return Err(Rejection::BadGateway);
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(

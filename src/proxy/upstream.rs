@@ -12,14 +12,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::IdleTimeout;
+use super::body::{DataOnly, IdleTimeout};
 use super::error::Rejection;
 use super::route::Route;
 use crate::config::RouteConfig;
 use crate::tls::{self, TlsError};
 
-/// What keygate sends upstream: the client's body, streamed under the idle timeout.
-pub type OutboundBody = IdleTimeout<Incoming>;
+/// What keygate sends upstream: the client's body without trailers, streamed under the idle
+/// timeout.
+pub type OutboundBody = IdleTimeout<DataOnly<Incoming>>;
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, OutboundBody>;
 

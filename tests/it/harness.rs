@@ -133,6 +133,10 @@ pub struct Recorded {
     pub uri: String,
     pub headers: HeaderMap,
     pub body_len: u64,
+    /// The body ended in an error (aborted or malformed) rather than cleanly.
+    pub body_error: bool,
+    /// Trailer fields, when the body carried any.
+    pub trailers: Option<HeaderMap>,
 }
 
 /// A real HTTP server on a real port that records every request it gets. Paths:
@@ -213,10 +217,20 @@ async fn upstream_answer(
 ) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, mut body) = req.into_parts();
     let mut body_len = 0u64;
+    let mut body_error = false;
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         match frame {
-            Ok(f) => body_len += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
-            Err(_) => break,
+            Ok(f) => {
+                body_len += f.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+                if let Some(t) = f.trailers_ref() {
+                    trailers = Some(t.clone());
+                }
+            }
+            Err(_) => {
+                body_error = true;
+                break;
+            }
         }
     }
     log.lock().expect("lock").push(Recorded {
@@ -224,6 +238,8 @@ async fn upstream_answer(
         uri: parts.uri.to_string(),
         headers: parts.headers.clone(),
         body_len,
+        body_error,
+        trailers,
     });
     let path = parts.uri.path();
     if path.ends_with("/download") {

@@ -4,5 +4,6 @@
 mod harness;
 
 mod cli;
+mod hostile;
 mod proxy;
 mod store;
