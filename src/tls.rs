@@ -169,7 +169,7 @@ pub fn client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("the ring provider supports TLS 1.2 and 1.3")
         .with_root_certificates(roots);
-    let mut cfg = match &tls.client_cert {
+    let cfg = match &tls.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = read_certs(cert)?;
@@ -182,8 +182,7 @@ pub fn client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
                 })?
         }
     };
-    // keygate speaks HTTP/1.1 to upstreams.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // ALPN stays empty here: the connector sets it to http/1.1 (keygate's upstream protocol).
     Ok(cfg)
 }
 

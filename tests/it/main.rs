@@ -7,3 +7,4 @@ mod cli;
 mod hostile;
 mod proxy;
 mod store;
+mod tls;
