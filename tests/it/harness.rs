@@ -333,6 +333,8 @@ pub struct AppOptions {
     pub refresh_interval: &'static str,
     pub flush_interval: &'static str,
     pub upstream_timeout: &'static str,
+    /// Extra settings inside `[proxy]` (limits and timeouts).
+    pub proxy_toml: String,
 }
 
 impl Default for AppOptions {
@@ -343,6 +345,7 @@ impl Default for AppOptions {
             refresh_interval: "100ms",
             flush_interval: "200ms",
             upstream_timeout: "5s",
+            proxy_toml: String::new(),
         }
     }
 }
@@ -396,6 +399,7 @@ listen = "127.0.0.1:0"
 upstream_timeout = "{upstream_timeout}"
 idle_timeout = "5s"
 shutdown_grace = "5s"
+{proxy_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -420,6 +424,7 @@ parallelism = 1
         refresh = opts.refresh_interval,
         flush = opts.flush_interval,
         extra = opts.extra_toml,
+        proxy_extra = opts.proxy_toml,
         routes = standard_routes(upstream),
     )
 }

@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod hostile;
+mod limits;
 mod proxy;
 mod store;
 mod tls;
