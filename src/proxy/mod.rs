@@ -17,6 +17,8 @@ mod error;
 mod headers;
 mod path;
 mod pipeline;
+#[cfg(test)]
+mod props;
 mod route;
 mod upstream;
 
