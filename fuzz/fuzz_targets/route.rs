@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
             "export" => "/recordings/export",
             _ => "/tickets",
         };
-        assert!(path == prefix || path.starts_with(&format!("{prefix}/")), "{path}");
+        assert!(
+            path == prefix || path.starts_with(&format!("{prefix}/")),
+            "{path}"
+        );
         if path.starts_with("/recordings/export/") || path == "/recordings/export" {
             assert_eq!(route.name, "export", "longest prefix wins");
         }

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::{DataOnly, IdleTimeout};
+use super::body::{ClientBodyError, DataOnly, IdleTimeout};
 use super::error::Rejection;
 use super::route::Route;
 use crate::config::RouteConfig;
@@ -78,6 +78,10 @@ impl UpstreamClient {
         };
         match tokio::time::timeout(self.response_timeout, sent).await {
             Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if caused_by_client_body(&e) => {
+                tracing::info!(error = %error_chain(&e), "client request body failed while forwarding");
+                Err(Rejection::BadRequest("bad_request_body"))
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
                 Err(Rejection::BadGateway)
@@ -98,6 +102,17 @@ fn http_connector(connect_timeout: Duration) -> HttpConnector {
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector
+}
+
+fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<ClientBodyError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

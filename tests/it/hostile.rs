@@ -240,7 +240,7 @@ fn smuggling(t: &mut Vec<Case>) {
         ("4\nabcd\n0\n\n", "bare LF in chunk framing"),
         (" 4\r\nabcd\r\n0\r\n\r\n", "space before the chunk size"),
     ] {
-        t.push(case(g, format!("malformed chunk: {why}"), post("Transfer-Encoding: chunked\r\n", chunk), st(&[502]), Up::Aborted, "the head was authorised; the body fails while being forwarded, so the upstream exchange is abandoned (at most the head and a cut-off body reach it) and the client gets 502; no second request"));
+        t.push(case(g, format!("malformed chunk: {why}"), post("Transfer-Encoding: chunked\r\n", chunk), st(&[400]), Up::Aborted, "the head was authorised; the body fails while being forwarded, so the upstream exchange is abandoned (at most the head and a cut-off body reach it) and the client gets 400; no second request"));
     }
     t.push(case(
         g,
