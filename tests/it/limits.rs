@@ -375,3 +375,26 @@ async fn flood_figures() {
         kg.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_header_list_over_max_header_bytes_is_refused() {
+    let app = spawn_app_with(Engine::Sqlite, with_proxy("max_header_bytes = 4096")).await;
+    let tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let small = http::Request::get("http://kg/recordings/1")
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(small, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 401);
+    let mut client = client.ready().await.expect("ready");
+    let big = http::Request::get("http://kg/recordings/1")
+        .header("x-big", "a".repeat(8 * 1024))
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(big, true).expect("send");
+    let outcome = resp.await.map(|r| r.status().as_u16());
+    assert_eq!(outcome.ok(), Some(431));
+    assert_eq!(app.upstream.count(), 0);
+}
