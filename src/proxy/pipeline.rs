@@ -109,8 +109,10 @@ async fn authorize<'s>(
         return Err(Rejection::NotReady);
     }
     let headers = req.headers();
-    // hyper lets Content-Length and Transfer-Encoding through together; an upstream or a
-    // middlebox may frame such a request differently, so refuse it (RFC 9112 §6.3).
+    // An upstream or a middlebox may frame a request with both Content-Length and
+    // Transfer-Encoding differently, so refuse it (RFC 9112 §6.3). hyper's HTTP/1.1 parser
+    // already drops the Content-Length in that case (and closes the connection after the
+    // response), so this is a guard for any other way such a request could arrive.
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Err(Rejection::BadRequest(
             "content_length_with_transfer_encoding",
