@@ -3,7 +3,6 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::Method;
@@ -11,6 +10,7 @@ use keygate::config::{HashingConfig, RouteConfig, Upstream, VerificationConfig};
 use keygate::keys::{self, KeyId, KeyKind, KeyRow, KeyState, KeyTable, Scope, Verifier};
 use keygate::proxy::{canonical_path, Router};
 
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 const CHEAP: HashingConfig = HashingConfig {
     memory_kib: 1024,
     iterations: 1,
@@ -64,13 +64,7 @@ fn table_with(n: usize) -> (KeyTable, String) {
 }
 
 fn verification() -> VerificationConfig {
-    VerificationConfig {
-        cache_ttl: Duration::from_secs(600),
-        cache_capacity: 100_000,
-        failure_ttl: Duration::from_secs(60),
-        max_concurrent: 2,
-        max_pending: 256,
-    }
+    keygate::config::Config::default().verification
 }
 
 fn warm_key_path(c: &mut Criterion) {
@@ -85,7 +79,10 @@ fn warm_key_path(c: &mut Criterion) {
     rt.block_on(async {
         let parsed = keys::parse(&key).expect("parses");
         let entry = table.lookup(&parsed.prefix).expect("entry");
-        verifier.verify(&entry, &parsed).await.expect("verifies");
+        verifier
+            .verify(&entry, &parsed, LOCAL)
+            .await
+            .expect("verifies");
     });
 
     let mut g = c.benchmark_group("hot_path");
@@ -100,7 +97,7 @@ fn warm_key_path(c: &mut Criterion) {
     g.bench_function("verification_cache_hit", |b| {
         b.to_async(&rt).iter(|| async {
             verifier
-                .verify(black_box(&entry), black_box(&parsed))
+                .verify(black_box(&entry), black_box(&parsed), LOCAL)
                 .await
                 .is_ok()
         })
@@ -116,7 +113,7 @@ fn warm_key_path(c: &mut Criterion) {
             let parsed = keys::parse(black_box(&key)).expect("parses");
             let entry = table.lookup(&parsed.prefix).expect("entry");
             let active = entry.state(1_000) == KeyState::Active;
-            let ok = verifier.verify(&entry, &parsed).await.is_ok();
+            let ok = verifier.verify(&entry, &parsed, LOCAL).await.is_ok();
             active && ok && entry.scopes.contains(&scope)
         })
     });
@@ -143,6 +140,7 @@ fn routing(c: &mut Criterion) {
             upstream: upstream.clone(),
             scope: Scope::new(&format!("svc{i}:read")).expect("scope"),
             audit: keygate::config::AuditMode::Writes,
+            tls: Default::default(),
         })
         .collect();
     let router = Router::new(&routes);

@@ -32,7 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(Usage::new()),
         Clock::System,
         Arc::new(Metrics::new(&routes, false)),
-    ));
+    )?);
     let listener = tokio::net::TcpListener::bind(config.proxy.listen).await?;
     proxy::serve_passthrough(
         listener,

@@ -4,14 +4,15 @@
 //! keys (PostgreSQL and SQLite). Creates and drops its own database.
 //! Usage: `cargo run --release --example bench_scale -- [POSTGRES_ADMIN_URL] [KEYS]`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use keygate::clock::Clock;
-use keygate::config::{DatabaseUrl, HashingConfig, VerificationConfig};
+use keygate::config::{DatabaseUrl, HashingConfig};
 use keygate::keys::{self, KeyKind, KeyState, KeyTable, Scope, Verifier};
 use keygate::manage::{Actor, Manager};
 use keygate::store::Store;
 
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 const CHEAP: HashingConfig = HashingConfig {
     memory_kib: 1024,
     iterations: 1,
@@ -186,18 +187,12 @@ async fn bulk_insert(
 }
 
 async fn warm_path_ns(table: &KeyTable, key: &str) -> f64 {
-    let verifier = Verifier::new(&VerificationConfig {
-        cache_ttl: Duration::from_secs(600),
-        cache_capacity: 100_000,
-        failure_ttl: Duration::from_secs(60),
-        max_concurrent: 2,
-        max_pending: 64,
-    });
+    let verifier = Verifier::new(&keygate::config::Config::default().verification);
     let scope = Scope::new("bench").expect("scope");
     let parsed = keys::parse(key).expect("real key parses");
     let entry = table.lookup(&parsed.prefix).expect("real key loaded");
     verifier
-        .verify(&entry, &parsed)
+        .verify(&entry, &parsed, LOCAL)
         .await
         .expect("real key verifies");
     let mut samples = Vec::with_capacity(200);
@@ -207,7 +202,7 @@ async fn warm_path_ns(table: &KeyTable, key: &str) -> f64 {
             let parsed = keys::parse(std::hint::black_box(key)).expect("parses");
             let entry = table.lookup(&parsed.prefix).expect("entry");
             let ok = entry.state(1) == KeyState::Active
-                && verifier.verify(&entry, &parsed).await.is_ok()
+                && verifier.verify(&entry, &parsed, LOCAL).await.is_ok()
                 && entry.scopes.contains(&scope);
             std::hint::black_box(ok);
         }

@@ -9,6 +9,7 @@
 //! ```text
 //! cli        command-line front end (serve, migrate, config, account, key, user)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
+//! tls        rustls: the listener's reloadable certificate, https upstream client config
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
 //! admin      control-plane listener: health, readiness, metrics, the console and its JSON API,
 //!            sessions, the fleet list
@@ -40,4 +41,5 @@ pub mod server;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
 pub mod usage;

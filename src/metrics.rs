@@ -36,6 +36,8 @@ pub enum Outcome {
     UpstreamError(UpstreamFailure),
     BadRequest,
     Busy,
+    /// A prefix or client address spent its failure budget (429).
+    Throttled,
     NotReady,
 }
 
@@ -416,7 +418,7 @@ impl Drop for InFlight<'_> {
 const METHOD_CLASSES: [&str; 3] = ["read", "write", "other"];
 
 /// `allowed` × five status classes, then one slot for each fixed-status outcome.
-const OUTCOME_SLOTS: usize = 5 + 12;
+const OUTCOME_SLOTS: usize = 5 + 13;
 
 const AUTH_BUCKETS: &[f64] = &[
     0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
@@ -455,6 +457,7 @@ fn outcome_slot(outcome: Outcome, status: u16) -> (usize, &'static str) {
         Outcome::BadRequest => (14, "4xx"),
         Outcome::Busy => (15, "5xx"),
         Outcome::NotReady => (16, "5xx"),
+        Outcome::Throttled => (17, "4xx"),
     }
 }
 
@@ -479,6 +482,7 @@ fn outcome_labels(outcome: Outcome) -> (&'static str, &'static str) {
         Outcome::BadRequest => ("bad_request", "none"),
         Outcome::Busy => ("busy", "none"),
         Outcome::NotReady => ("not_ready", "none"),
+        Outcome::Throttled => ("throttled", "failure_budget"),
     }
 }
 
@@ -733,6 +737,7 @@ mod tests {
             Outcome::BadRequest,
             Outcome::Busy,
             Outcome::NotReady,
+            Outcome::Throttled,
         ];
         let mut slots: Vec<usize> = (100..=599)
             .step_by(100)

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyState};
 use crate::store::{Store, StoreError};
 use crate::sync::{self, SyncStatus};
+use crate::tls::{CertStore, TlsError};
 use crate::usage::Usage;
 
 /// A running instance.
@@ -42,6 +43,8 @@ pub struct Keygate {
     /// The one-time console setup link; it works only while no user exists, and is logged once
     /// the database shows none does.
     pub setup_url: Option<String>,
+    /// The proxy listener's certificate when it serves TLS.
+    pub certs: Option<Arc<CertStore>>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -62,6 +65,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Admin(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Why a reload was refused; the running configuration stays in force.
@@ -69,6 +74,8 @@ pub enum StartError {
 pub enum ReloadError {
     #[error("configuration not reloaded: {0}")]
     Config(#[from] ConfigError),
+    #[error("TLS certificate not reloaded: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Binds the proxy and admin listeners from the configuration.
@@ -120,14 +127,23 @@ pub async fn start(
         usage.clone(),
         clock.clone(),
     );
-    let proxy_state = Arc::new(ProxyState::new(
+    crate::tls::install_provider();
+    let certs = match &config.proxy.tls {
+        Some(tls) => Some(CertStore::load(tls)?),
+        None => None,
+    };
+    let mut proxy_state = ProxyState::new(
         config,
         table.clone(),
         verifier,
         usage.clone(),
         clock.clone(),
         metrics.clone(),
-    ));
+    )?;
+    if let Some(certs) = &certs {
+        proxy_state = proxy_state.with_tls(certs.clone());
+    }
+    let proxy_state = Arc::new(proxy_state);
     let manager = Arc::new(
         Manager::new(store.clone(), config.hashing, clock.clone())
             .map_err(|e| StartError::Admin(e.to_string()))?,
@@ -152,7 +168,7 @@ pub async fn start(
     // Armed now, shown (or disarmed) once the database answers: start never waits on it.
     let setup_url = Some(admin_state.arm_setup(admin_addr));
 
-    let background = vec![
+    let mut background = vec![
         tokio::spawn(sync::run(
             store.clone(),
             table.clone(),
@@ -198,6 +214,13 @@ pub async fn start(
             stop_background.clone(),
         )),
     ];
+    if let (Some(certs), Some(tls)) = (&certs, &config.proxy.tls) {
+        background.push(tokio::spawn(
+            certs
+                .clone()
+                .watch(tls.watch_interval, stop_background.clone()),
+        ));
+    }
     let listeners = vec![
         tokio::spawn(proxy::serve(
             proxy_listener,
@@ -232,6 +255,7 @@ pub async fn start(
         shutdown_delay: config.proxy.shutdown_delay,
         metrics,
         setup_url,
+        certs,
         stop_accepting,
         stop_background,
         listeners,
@@ -252,14 +276,16 @@ impl Keygate {
         true
     }
 
-    /// Applies a new configuration without dropping connections: today the routes (requests
-    /// already routed finish on the old ones). Settings that need a restart are left as they
-    /// are. The hook for everything SIGHUP reloads (TLS certificates join here).
+    /// Applies a new configuration without dropping connections: the routes (requests already
+    /// routed finish on the old ones) and the TLS certificate (re-read from its files; open
+    /// connections keep their session). Settings that need a restart are left as they are.
     pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        self.reload_tls()?;
         self.proxy.replace_routes(&config.routes);
         tracing::info!(
             routes = config.routes.len(),
-            "configuration reloaded (routes); other settings apply at the next restart"
+            tls = self.certs.is_some(),
+            "configuration reloaded (routes, TLS certificate); other settings apply at the next restart"
         );
         Ok(())
     }
@@ -269,6 +295,15 @@ impl Keygate {
     pub fn reload_file(&self, path: Option<&Path>) -> Result<(), ReloadError> {
         let config = Config::load(path, std::env::vars())?;
         self.reload(&config)
+    }
+
+    /// Re-reads the proxy listener's certificate and key. Open connections keep their session;
+    /// on error the previous certificate stays in use. No-op without TLS.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.certs {
+            Some(certs) => certs.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Graceful stop: fail readiness and keep serving for `proxy.shutdown_delay` (so load

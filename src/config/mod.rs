@@ -6,7 +6,7 @@ mod raw;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Method;
@@ -44,6 +44,48 @@ pub struct ProxyConfig {
     /// After a stop signal, how long to keep serving while `/readyz` already says not-ready, so
     /// load balancers (Kubernetes endpoints) stop sending before the listener closes.
     pub shutdown_delay: Duration,
+    /// Connection and request-size caps (hostile traffic).
+    pub limits: ProxyLimits,
+    /// TLS on the proxy listener; plain HTTP when `None`.
+    pub tls: Option<ListenerTls>,
+}
+
+/// Caps that keep one client from costing keygate unbounded memory, CPU or sockets.
+#[derive(Clone, Debug)]
+pub struct ProxyLimits {
+    /// rustls sets no deadline on a handshake; a silent client would hold a socket forever.
+    pub tls_handshake_timeout: Duration,
+    /// Open client connections; past it keygate stops accepting until one closes.
+    pub max_connections: usize,
+    /// Request line plus headers (HTTP/1.1), header list (HTTP/2); past it: 431.
+    pub max_header_bytes: usize,
+    /// Header fields per request (HTTP/1.1); past it: 431.
+    pub max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams reset by the client before keygate accepted them (rapid reset,
+    /// CVE-2023-44487); past it the connection gets GOAWAY.
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2 streams keygate had to reset for protocol errors; past it: GOAWAY.
+    pub h2_max_local_error_reset_streams: usize,
+}
+
+/// PEM files for the proxy listener's certificate, re-read when they change.
+#[derive(Clone, Debug)]
+pub struct ListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// How often the files' modification times are checked.
+    pub watch_interval: Duration,
+}
+
+/// TLS towards one `https://` upstream. Hostname verification has no switch on purpose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM CA bundle to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain and key keygate presents to the upstream (mTLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +135,13 @@ pub struct VerificationConfig {
     pub max_concurrent: usize,
     /// Verifications allowed to wait or run; beyond it a request gets 503 with Retry-After.
     pub max_pending: usize,
+    /// Failed argon2 verifications counted per key prefix and per client address over this
+    /// window; a spent budget answers 429 with Retry-After until the window ends.
+    pub failure_window: Duration,
+    /// Failed verifications one key prefix may cost per window (prefixes are public).
+    pub prefix_failure_budget: u32,
+    /// Failed verifications one client address may cost per window.
+    pub client_failure_budget: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +176,8 @@ pub struct RouteConfig {
     pub methods: Vec<Method>,
     pub upstream: Upstream,
     pub scope: Scope,
+    /// Only for `https://` upstreams.
+    pub tls: UpstreamTls,
     /// Which proxied requests by service accounts are written to the audit log.
     pub audit: AuditMode,
 }

@@ -47,6 +47,27 @@ struct RawProxy {
     shutdown_grace: String,
     workers: usize,
     shutdown_delay: String,
+    tls_handshake_timeout: String,
+    max_connections: usize,
+    max_header_bytes: usize,
+    max_headers: usize,
+    h2_max_concurrent_streams: u32,
+    h2_max_pending_reset_streams: usize,
+    h2_max_local_error_reset_streams: usize,
+    tls: Option<RawListenerTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerTls {
+    cert_file: String,
+    key_file: String,
+    #[serde(default = "default_watch_interval")]
+    watch_interval: String,
+}
+
+fn default_watch_interval() -> String {
+    "5s".into()
 }
 
 impl Default for RawProxy {
@@ -59,6 +80,14 @@ impl Default for RawProxy {
             shutdown_grace: "30s".into(),
             workers: 0,
             shutdown_delay: "0s".into(),
+            tls_handshake_timeout: "10s".into(),
+            max_connections: 10_000,
+            max_header_bytes: 16_384,
+            max_headers: 100,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_reset_streams: 20,
+            h2_max_local_error_reset_streams: 256,
+            tls: None,
         }
     }
 }
@@ -145,6 +174,9 @@ struct RawVerification {
     failure_ttl: String,
     max_concurrent: usize,
     max_pending: usize,
+    failure_window: String,
+    prefix_failure_budget: u32,
+    client_failure_budget: u32,
 }
 
 impl Default for RawVerification {
@@ -155,6 +187,9 @@ impl Default for RawVerification {
             failure_ttl: "1m".into(),
             max_concurrent: 0,
             max_pending: 256,
+            failure_window: "1m".into(),
+            prefix_failure_budget: 10,
+            client_failure_budget: 20,
         }
     }
 }
@@ -194,6 +229,9 @@ struct RawRoute {
     scope: String,
     #[serde(default)]
     audit: Option<String>,
+    ca_file: Option<String>,
+    client_cert_file: Option<String>,
+    client_key_file: Option<String>,
 }
 
 /// Applies `KEYGATE_<SECTION>_<SETTING>=value` variables on top of the file. Values are read as
@@ -255,6 +293,43 @@ impl RawConfig {
                 p.workers
             },
             shutdown_delay: duration("proxy.shutdown_delay", &p.shutdown_delay, Duration::ZERO)?,
+            limits: ProxyLimits {
+                tls_handshake_timeout: duration(
+                    "proxy.tls_handshake_timeout",
+                    &p.tls_handshake_timeout,
+                    MS,
+                )?,
+                max_connections: at_least("proxy.max_connections", p.max_connections, 1)?,
+                max_header_bytes: at_least("proxy.max_header_bytes", p.max_header_bytes, 1024)?,
+                max_headers: at_least("proxy.max_headers", p.max_headers, 8)?,
+                h2_max_concurrent_streams: at_least(
+                    "proxy.h2_max_concurrent_streams",
+                    p.h2_max_concurrent_streams as usize,
+                    1,
+                )? as u32,
+                h2_max_pending_reset_streams: at_least(
+                    "proxy.h2_max_pending_reset_streams",
+                    p.h2_max_pending_reset_streams,
+                    1,
+                )?,
+                h2_max_local_error_reset_streams: at_least(
+                    "proxy.h2_max_local_error_reset_streams",
+                    p.h2_max_local_error_reset_streams,
+                    1,
+                )?,
+            },
+            tls: match &p.tls {
+                None => None,
+                Some(t) => Some(ListenerTls {
+                    cert_file: file("proxy.tls.cert_file", &t.cert_file)?,
+                    key_file: file("proxy.tls.key_file", &t.key_file)?,
+                    watch_interval: duration(
+                        "proxy.tls.watch_interval",
+                        &t.watch_interval,
+                        10 * MS,
+                    )?,
+                }),
+            },
         };
         let a = &self.admin;
         let admin = AdminConfig {
@@ -339,6 +414,17 @@ impl RawConfig {
                 v.max_concurrent
             },
             max_pending: v.max_pending,
+            failure_window: duration("verification.failure_window", &v.failure_window, MS)?,
+            prefix_failure_budget: at_least(
+                "verification.prefix_failure_budget",
+                v.prefix_failure_budget as usize,
+                1,
+            )? as u32,
+            client_failure_budget: at_least(
+                "verification.client_failure_budget",
+                v.client_failure_budget as usize,
+                1,
+            )? as u32,
         };
         if verification.max_pending < verification.max_concurrent {
             return Err(ConfigError::new(
@@ -397,6 +483,20 @@ fn duration(path: &str, s: &str, min: Duration) -> Result<Duration, ConfigError>
         ));
     }
     Ok(d)
+}
+
+fn at_least(path: &str, n: usize, min: usize) -> Result<usize, ConfigError> {
+    if n < min {
+        return Err(ConfigError::new(path, format!("must be at least {min}")));
+    }
+    Ok(n)
+}
+
+fn file(path: &str, s: &str) -> Result<PathBuf, ConfigError> {
+    if s.trim().is_empty() {
+        return Err(ConfigError::new(path, "must name a file"));
+    }
+    Ok(PathBuf::from(s))
 }
 
 fn socket_addr(path: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -459,6 +559,7 @@ fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
                 ))
             }
         };
+        let tls = upstream_tls(r, &upstream, &at)?;
         let route = RouteConfig {
             name: r.name.clone(),
             path_prefix,
@@ -466,6 +567,7 @@ fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {
             upstream,
             scope,
             audit,
+            tls,
         };
         if let Some(other) = routes
             .iter()
@@ -511,8 +613,10 @@ fn upstream(s: &str) -> Result<Upstream, String> {
         .scheme()
         .cloned()
         .ok_or_else(|| format!("`{s}` needs a scheme: http://HOST:PORT"))?;
-    if scheme != http::uri::Scheme::HTTP {
-        return Err(format!("`{s}`: only http:// upstreams are supported"));
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(format!(
+            "`{s}`: only http:// and https:// upstreams are supported"
+        ));
     }
     let authority = uri
         .authority()
@@ -527,4 +631,51 @@ fn upstream(s: &str) -> Result<Upstream, String> {
         ));
     }
     Ok(Upstream { scheme, authority })
+}
+
+fn upstream_tls(
+    r: &RawRoute,
+    upstream: &Upstream,
+    at: &dyn Fn(&str) -> String,
+) -> Result<UpstreamTls, ConfigError> {
+    let https = upstream.scheme == http::uri::Scheme::HTTPS;
+    for (field, value) in [
+        ("ca_file", &r.ca_file),
+        ("client_cert_file", &r.client_cert_file),
+        ("client_key_file", &r.client_key_file),
+    ] {
+        if value.is_some() && !https {
+            return Err(ConfigError::new(
+                at(field),
+                "only applies to an https:// upstream",
+            ));
+        }
+    }
+    let ca_file = match &r.ca_file {
+        Some(f) => Some(file(&at("ca_file"), f)?),
+        None => None,
+    };
+    let client_cert = match (&r.client_cert_file, &r.client_key_file) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((
+            file(&at("client_cert_file"), c)?,
+            file(&at("client_key_file"), k)?,
+        )),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                at("client_key_file"),
+                "is required with client_cert_file",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                at("client_cert_file"),
+                "is required with client_key_file",
+            ))
+        }
+    };
+    Ok(UpstreamTls {
+        ca_file,
+        client_cert,
+    })
 }

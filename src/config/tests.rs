@@ -182,3 +182,44 @@ fn admin_durations_are_validated() {
     assert!(c.admin.secure_cookies);
     assert_eq!(c.admin.stale_after, Duration::from_secs(7 * 86_400));
 }
+
+#[test]
+fn the_example_file_shows_the_hostile_traffic_limits_at_their_defaults() {
+    let example = parse(include_str!("../../config.example.toml")).expect("valid");
+    let defaults = Config::default();
+    let (e, d) = (&example.proxy.limits, &defaults.proxy.limits);
+    assert_eq!(e.tls_handshake_timeout, d.tls_handshake_timeout);
+    assert_eq!(e.max_connections, d.max_connections);
+    assert_eq!(e.max_header_bytes, d.max_header_bytes);
+    assert_eq!(e.max_headers, d.max_headers);
+    assert_eq!(e.h2_max_concurrent_streams, d.h2_max_concurrent_streams);
+    assert_eq!(
+        e.h2_max_pending_reset_streams,
+        d.h2_max_pending_reset_streams
+    );
+    assert_eq!(
+        e.h2_max_local_error_reset_streams,
+        d.h2_max_local_error_reset_streams
+    );
+    assert!(
+        example.proxy.tls.is_none(),
+        "TLS is an example, commented out"
+    );
+    let (e, d) = (&example.verification, &defaults.verification);
+    assert_eq!(e.failure_window, d.failure_window);
+    assert_eq!(e.prefix_failure_budget, d.prefix_failure_budget);
+    assert_eq!(e.client_failure_budget, d.client_failure_budget);
+}
+
+#[test]
+fn listener_tls_needs_both_files_and_bad_limits_name_their_setting() {
+    let err = parse("[proxy.tls]\ncert_file = \"c.pem\"\n").expect_err("key_file missing");
+    assert!(err.to_string().contains("key_file"), "{err}");
+    let err = parse("[proxy]\nmax_connections = 0\n").expect_err("zero");
+    assert_eq!(err.path, "proxy.max_connections");
+    let err = parse("[verification]\nprefix_failure_budget = 0\n").expect_err("zero");
+    assert_eq!(err.path, "verification.prefix_failure_budget");
+    let ok = parse("[proxy.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n").expect("valid");
+    let tls = ok.proxy.tls.expect("tls");
+    assert_eq!(tls.watch_interval, Duration::from_secs(5));
+}

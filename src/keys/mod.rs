@@ -5,6 +5,7 @@ mod format;
 mod hash;
 mod scope;
 mod table;
+mod throttle;
 mod verify;
 
 pub use format::{

@@ -3,8 +3,11 @@
 //! wrong key costs nothing). The caches only answer "is this the right secret"; whether the
 //! key is live is decided from the table on every request, so a cache can never keep a revoked
 //! key alive. argon2 runs on the blocking pool behind two bounds: how many run at once, and
-//! how many may wait; past the second the caller is told to retry later.
+//! how many may wait; past the second the caller is told to retry later. Failed verifications
+//! are also counted per key prefix and per client address (`throttle.rs`): a spent budget
+//! refuses further argon2 work, while keys already in the success cache stay fast.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use tracing::Instrument;
 use super::format::ParsedKey;
 use super::hash::verify_hash;
 use super::table::{KeyEntry, KeyId};
+use super::throttle::Throttle;
 use crate::config::VerificationConfig;
 
 type Digest = [u8; 32];
@@ -35,6 +39,9 @@ pub enum VerifyError {
     Mismatch,
     #[error("too many verifications pending")]
     Busy,
+    /// The key prefix or the client spent its failure budget; retry after this long.
+    #[error("too many failed verifications; retry in {0:?}")]
+    Throttled(Duration),
 }
 
 /// Counters read by the metrics scrape.
@@ -46,6 +53,7 @@ pub struct VerifyStats {
     pub argon2_nanos: AtomicU64,
     pub failures_cached_hits: AtomicU64,
     pub busy: AtomicU64,
+    pub throttled: AtomicU64,
 }
 
 pub struct Verifier {
@@ -57,6 +65,7 @@ pub struct Verifier {
     pending: Arc<Semaphore>,
     /// argon2 runs at once.
     workers: Arc<Semaphore>,
+    throttle: Throttle,
     pub stats: VerifyStats,
     /// Told the duration of every argon2 run (the metrics histogram), so this module stays
     /// free of the metrics crate.
@@ -83,6 +92,7 @@ impl Verifier {
             digest_key,
             pending: Arc::new(Semaphore::new(cfg.max_pending)),
             workers: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            throttle: Throttle::new(cfg),
             stats: VerifyStats::default(),
             argon2_observer: None,
         }
@@ -94,12 +104,13 @@ impl Verifier {
         self
     }
 
-    /// Checks that `key` is the secret behind `entry`. Concurrent requests with the same
-    /// uncached key share one argon2 run.
+    /// Checks that `key`, presented by `client`, is the secret behind `entry`. Concurrent
+    /// requests with the same uncached key share one argon2 run.
     pub async fn verify(
         &self,
         entry: &KeyEntry,
         key: &ParsedKey<'_>,
+        client: IpAddr,
     ) -> Result<Verified, VerifyError> {
         let digest = *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes();
         if self.verified.get(&digest).await == Some(entry.id) {
@@ -112,6 +123,10 @@ impl Verifier {
                 .failures_cached_hits
                 .fetch_add(1, Ordering::Relaxed);
             return Err(VerifyError::Mismatch);
+        }
+        if let Err(wait) = self.throttle.check(&key.prefix, client) {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(VerifyError::Throttled(wait));
         }
         let Ok(_admitted) = self.pending.clone().try_acquire_owned() else {
             self.stats.busy.fetch_add(1, Ordering::Relaxed);
@@ -160,6 +175,7 @@ impl Verifier {
             }
             Err(_) => {
                 self.failed.insert(digest, ()).await;
+                self.throttle.record_failure(&key.prefix, client);
                 Err(VerifyError::Mismatch)
             }
         }
@@ -177,7 +193,6 @@ mod tests {
     use super::*;
     use crate::config::HashingConfig;
     use crate::keys::{generate, hash_key, hasher, parse, KeyKind, KeyRow};
-    use std::time::Duration;
 
     fn cfg(max_pending: usize) -> VerificationConfig {
         VerificationConfig {
@@ -186,6 +201,9 @@ mod tests {
             failure_ttl: Duration::from_secs(60),
             max_concurrent: 1,
             max_pending,
+            failure_window: Duration::from_secs(60),
+            prefix_failure_budget: 1000,
+            client_failure_budget: 1000,
         }
     }
 
@@ -220,8 +238,14 @@ mod tests {
         let key = generate(KeyKind::ServiceAccount);
         let entry = entry_for(key.expose());
         let parsed = parse(key.expose()).expect("parses");
-        assert_eq!(v.verify(&entry, &parsed).await, Ok(Verified::Computed));
-        assert_eq!(v.verify(&entry, &parsed).await, Ok(Verified::Cached));
+        assert_eq!(
+            v.verify(&entry, &parsed, CLIENT).await,
+            Ok(Verified::Computed)
+        );
+        assert_eq!(
+            v.verify(&entry, &parsed, CLIENT).await,
+            Ok(Verified::Cached)
+        );
         assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 1);
     }
 
@@ -234,8 +258,14 @@ mod tests {
         let other = generate(KeyKind::ServiceAccount);
         let forged = forge(&key.expose()[..8], &other.expose()[9..41]);
         let parsed = parse(&forged).expect("forged key is well-formed");
-        assert_eq!(v.verify(&entry, &parsed).await, Err(VerifyError::Mismatch));
-        assert_eq!(v.verify(&entry, &parsed).await, Err(VerifyError::Mismatch));
+        assert_eq!(
+            v.verify(&entry, &parsed, CLIENT).await,
+            Err(VerifyError::Mismatch)
+        );
+        assert_eq!(
+            v.verify(&entry, &parsed, CLIENT).await,
+            Err(VerifyError::Mismatch)
+        );
         assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 1);
     }
 
@@ -250,7 +280,7 @@ mod tests {
             let (v, entry, text) = (v.clone(), entry.clone(), text.clone());
             tasks.push(tokio::spawn(async move {
                 let parsed = parse(&text).expect("parses");
-                v.verify(&entry, &parsed).await
+                v.verify(&entry, &parsed, CLIENT).await
             }));
         }
         for t in tasks {
@@ -272,7 +302,7 @@ mod tests {
             );
             tasks.push(tokio::spawn(async move {
                 let parsed = parse(&text).expect("parses");
-                v.verify(&entry, &parsed).await
+                v.verify(&entry, &parsed, CLIENT).await
             }));
         }
         let mut busy = 0;
@@ -286,6 +316,8 @@ mod tests {
             "with room for one, some of four distinct keys must be refused"
         );
     }
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     /// Builds a well-formed key (valid checksum) from a prefix and a secret.
     fn forge(prefix: &str, secret: &str) -> String {

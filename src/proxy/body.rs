@@ -77,6 +77,53 @@ where
     }
 }
 
+/// A request body without its trailer fields. Upstreams that merge trailers into headers
+/// (CGI-style) would otherwise let a client send `X-Keygate-Account` after the checks ran.
+/// Its errors are `ClientBodyError`, so a failed forward can tell a broken client body (400)
+/// from a broken upstream (502).
+pub struct DataOnly<B> {
+    inner: B,
+}
+
+/// The client's request body failed (malformed chunking, a length that lies, a reset).
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(#[source] BoxError);
+
+impl<B> DataOnly<B> {
+    pub fn new(inner: B) -> Self {
+        DataOnly { inner }
+    }
+}
+
+impl<B> Body for DataOnly<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError(e.into())))),
+            other => other.map_err(|e| ClientBodyError(e.into())),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// What keygate answers with: its own small JSON bodies, or the upstream's stream.
 pub enum ProxyBody {
     Full(Option<Bytes>),

@@ -45,6 +45,9 @@ pub enum Rejection {
     Stale,
     /// Too many new keys are being verified at once.
     Busy,
+    /// The key prefix or the client address spent its failure budget (key guessing);
+    /// carries the seconds until it comes back.
+    Throttled(u64),
     /// The upstream could not be reached or failed mid-response.
     BadGateway,
     /// The upstream did not answer in time.
@@ -61,6 +64,7 @@ impl Rejection {
             Rejection::NotReady | Rejection::Stale | Rejection::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Rejection::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::BadGateway => StatusCode::BAD_GATEWAY,
             Rejection::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -75,6 +79,7 @@ impl Rejection {
             Rejection::Forbidden(_) => "forbidden",
             Rejection::NotReady | Rejection::Stale => "not_ready",
             Rejection::Busy => "busy",
+            Rejection::Throttled(_) => "throttled",
             Rejection::BadGateway | Rejection::GatewayTimeout => "upstream_error",
         }
     }
@@ -89,6 +94,7 @@ impl Rejection {
             Rejection::NotReady => "table_not_loaded",
             Rejection::Stale => "table_stale",
             Rejection::Busy => "verification_saturated",
+            Rejection::Throttled(_) => "failure_budget_spent",
             Rejection::BadGateway => "upstream_unreachable",
             Rejection::GatewayTimeout => "upstream_timeout",
         }
@@ -138,6 +144,10 @@ impl Rejection {
             Rejection::Busy => {
                 builder = builder.header(RETRY_AFTER, HeaderValue::from_static("1"));
                 Bytes::from_static(br#"{"error":"unavailable","message":"too many new keys are being verified; retry shortly"}"#)
+            }
+            Rejection::Throttled(secs) => {
+                builder = builder.header(RETRY_AFTER, HeaderValue::from(*secs));
+                Bytes::from_static(br#"{"error":"too_many_requests","message":"too many failed key checks; retry later"}"#)
             }
             Rejection::BadGateway => Bytes::from_static(br#"{"error":"bad_gateway","message":"the upstream service could not be reached"}"#),
             Rejection::GatewayTimeout => Bytes::from_static(br#"{"error":"gateway_timeout","message":"the upstream service did not answer in time"}"#),
@@ -223,5 +233,8 @@ mod tests {
             assert!(body_json(r).await["error"].is_string());
         }
         assert_eq!(Rejection::Busy.into_response().headers()[RETRY_AFTER], "1");
+        let throttled = Rejection::Throttled(42).into_response();
+        assert_eq!(throttled.status(), 429);
+        assert_eq!(throttled.headers()[RETRY_AFTER], "42");
     }
 }

@@ -20,6 +20,8 @@ mod error;
 mod headers;
 mod path;
 mod pipeline;
+#[cfg(test)]
+mod props;
 mod route;
 mod upstream;
 
@@ -31,8 +33,11 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use body::{BoxError, IdleTimeout, ProxyBody};
@@ -43,10 +48,12 @@ pub use route::{Route, Router};
 
 use crate::audit::AuditQueue;
 use crate::clock::Clock;
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, ProxyLimits, RouteConfig};
 use crate::keys::{KeyTable, Verifier};
 use crate::metrics::Metrics;
+use crate::tls::{self, CertStore, TlsError};
 use crate::usage::Usage;
+use pipeline::Conn;
 use upstream::{Dedicated, UpstreamClient};
 
 /// Everything the request path reads.
@@ -59,18 +66,25 @@ pub struct ProxyState {
     pub verifier: Arc<Verifier>,
     pub usage: Arc<Usage>,
     pub clock: Clock,
+    pub metrics: Arc<Metrics>,
+    /// The routes at start: each worker builds its upstream pools (TLS ones included) from them.
+    routes: Vec<RouteConfig>,
     upstream_timeout: Duration,
     /// Proxy worker threads, each with its own runtime and upstream pool.
     workers: usize,
-    pub metrics: Arc<Metrics>,
     idle_timeout: Duration,
     header_read_timeout: Duration,
     access_log: bool,
     /// `database.max_staleness` in ms: past this table age requests fail closed with 503.
     max_staleness_ms: Option<i64>,
+    limits: ProxyLimits,
+    /// TLS on the listener; `None` serves plain HTTP.
+    tls: Option<TlsAcceptor>,
 }
 
 impl ProxyState {
+    /// Checks the upstream TLS settings (CA bundles, client certificates) by building the
+    /// pools once, so a bad file fails the start rather than the first request.
     pub fn new(
         config: &Config,
         table: Arc<KeyTable>,
@@ -78,22 +92,32 @@ impl ProxyState {
         usage: Arc<Usage>,
         clock: Clock,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        ProxyState {
+    ) -> Result<Self, TlsError> {
+        UpstreamClient::new(&config.routes, config.proxy.upstream_timeout)?;
+        Ok(ProxyState {
             router: ArcSwap::from_pointee(Router::new(&config.routes)),
             audit: Arc::new(AuditQueue::new(crate::audit::DEFAULT_CAPACITY)),
             table,
             verifier,
             usage,
             clock,
+            metrics,
+            routes: config.routes.clone(),
             upstream_timeout: config.proxy.upstream_timeout,
             workers: config.proxy.workers,
-            metrics,
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
             access_log: config.log.access_log,
             max_staleness_ms: config.database.max_staleness.map(|d| d.as_millis() as i64),
-        }
+            limits: config.proxy.limits.clone(),
+            tls: None,
+        })
+    }
+
+    /// Serves TLS with the certificate in `certs` (reloadable while serving).
+    pub fn with_tls(mut self, certs: Arc<CertStore>) -> Self {
+        self.tls = Some(TlsAcceptor::from(tls::server_config(certs)));
+        self
     }
 
     /// Replaces the routes; requests already routed keep the table they started with.
@@ -132,6 +156,9 @@ enum Mode {
     PassThrough,
 }
 
+/// A client connection on its way to a worker, holding its place under `max_connections`.
+type Handoff = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+
 async fn serve_with(
     listener: TcpListener,
     state: Arc<ProxyState>,
@@ -139,14 +166,14 @@ async fn serve_with(
     grace: Duration,
     mode: Mode,
 ) {
-    // One current-thread runtime per worker, each with its own upstream pool: a request, its
+    // One current-thread runtime per worker, each with its own upstream pools: a request, its
     // upstream connection and their wake-ups stay on one thread (no work stealing, no
     // cross-thread wake-ups). This acceptor hands connections out round-robin, which balances
     // better than SO_REUSEPORT hashing with few long-lived client connections.
     let mut workers = Vec::with_capacity(state.workers);
     let mut finished = Vec::with_capacity(state.workers);
     for i in 0..state.workers {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let (state, shutdown) = (state.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new()
@@ -175,8 +202,17 @@ async fn serve_with(
         return;
     }
 
+    let connections = Arc::new(Semaphore::new(state.limits.max_connections));
     let mut next = 0usize;
     loop {
+        // At the connection cap, stop accepting: new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -194,7 +230,7 @@ async fn serve_with(
             continue;
         };
         // A worker only goes away at shutdown; if it did, the connection is simply closed.
-        let _ = workers[next % workers.len()].send((stream, peer));
+        let _ = workers[next % workers.len()].send((stream, peer, permit));
         next = next.wrapping_add(1);
     }
     drop(listener);
@@ -207,27 +243,43 @@ async fn serve_with(
 /// One proxy worker: serves the connections handed to it on its own runtime until shutdown,
 /// then lets in-flight requests finish for up to `grace`.
 async fn worker(
-    mut connections: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    mut connections: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     state: Arc<ProxyState>,
     shutdown: CancellationToken,
     grace: Duration,
     mode: Mode,
 ) {
-    let client = Arc::new(UpstreamClient::new(state.upstream_timeout));
+    let client = match UpstreamClient::new(&state.routes, state.upstream_timeout) {
+        Ok(client) => Arc::new(client),
+        Err(e) => {
+            // `ProxyState::new` built the same pools already; only a file changed since fails.
+            tracing::error!(error = %e, "a proxy worker cannot build its upstream pools");
+            return;
+        }
+    };
+    let limits = &state.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.header_read_timeout);
+        // hyper starts this timer whenever it waits for a request head, so it also bounds an
+        // idle keep-alive connection.
+        .header_read_timeout(state.header_read_timeout)
+        .max_headers(limits.max_headers)
+        // hyper answers 431 once the head outgrows its read buffer.
+        .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, permit) = tokio::select! {
             next = connections.recv() => match next {
                 Some(conn) => conn,
                 None => break,
@@ -240,34 +292,31 @@ async fn worker(
         let (state, client, builder) = (state.clone(), client.clone(), builder.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let own = Arc::new(Dedicated::default());
-            let service_own = own.clone();
-            let service = service_fn(move |req| {
-                let (state, client, own) = (state.clone(), client.clone(), service_own.clone());
-                async move {
-                    let response = match mode {
-                        Mode::Authenticate => {
-                            pipeline::handle(&state, &client, &own, peer, req).await
-                        }
-                        #[cfg(feature = "bench-passthrough")]
-                        Mode::PassThrough => {
-                            pipeline::passthrough(&state, &client, &own, peer, req).await
-                        }
-                    };
-                    Ok::<_, std::convert::Infallible>(response)
+            let _permit = permit;
+            match state.tls.clone() {
+                None => {
+                    serve_connection(&builder, stream, state, client, peer, false, watcher, mode)
+                        .await
                 }
-            });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            // The client connection and its own upstream connection are polled by this one task.
-            tokio::select! {
-                result = watcher.watch(conn) => {
-                    if let Err(e) = result {
-                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                Some(acceptor) => {
+                    let handshake = state.limits.tls_handshake_timeout;
+                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(
+                                &builder, tls, state, client, peer, true, watcher, mode,
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(
+                            peer = %peer,
+                            timeout_ms = handshake.as_millis() as u64,
+                            "TLS handshake timed out"
+                        ),
                     }
                 }
-                () = own.drive() => {}
             }
         });
     }
@@ -279,6 +328,53 @@ async fn worker(
             grace_ms = grace.as_millis() as u64,
             "shutdown grace elapsed; closing remaining connections"
         );
+    }
+}
+
+/// Serves one client connection. Its own upstream connection (HTTP/1 clients) is driven by
+/// this same task.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    state: Arc<ProxyState>,
+    client: Arc<UpstreamClient>,
+    peer: SocketAddr,
+    tls: bool,
+    watcher: Watcher,
+    mode: Mode,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let own = Arc::new(Dedicated::default());
+    let service_own = own.clone();
+    let service = service_fn(move |req| {
+        let (state, client, own) = (state.clone(), client.clone(), service_own.clone());
+        async move {
+            let conn = Conn {
+                client: &client,
+                own: &own,
+                peer,
+                tls,
+            };
+            let response = match mode {
+                Mode::Authenticate => pipeline::handle(&state, &conn, req).await,
+                #[cfg(feature = "bench-passthrough")]
+                Mode::PassThrough => pipeline::passthrough(&state, &conn, req).await,
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    tokio::select! {
+        result = watcher.watch(conn) => {
+            if let Err(e) = result {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        }
+        () = own.drive() => {}
     }
 }
 

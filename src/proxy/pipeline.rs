@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Parts, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use super::body::{IdleTimeout, ProxyBody};
+use super::body::{DataOnly, IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
     extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding,
@@ -18,11 +18,21 @@ use super::headers::{
 };
 use super::path::canonical_path;
 use super::route::{Route, Router};
-use super::upstream::{self, Dedicated, UpstreamClient};
+use super::upstream::{self, Dedicated, SendError, UpstreamClient};
 use super::ProxyState;
 use crate::audit::ProxiedRequest;
 use crate::keys::{self, KeyEntry, KeyKind, KeyPrefix, KeyState, VerifyError};
 use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
+
+/// The client connection a request arrived on, and the upstream side serving it.
+pub(super) struct Conn<'a> {
+    pub client: &'a UpstreamClient,
+    /// This connection's own upstream connection (HTTP/1 clients).
+    pub own: &'a Dedicated,
+    pub peer: SocketAddr,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+}
 
 /// What the pipeline learnt about a request, for the access log.
 #[derive(Default)]
@@ -42,9 +52,7 @@ struct Grant<'s> {
 /// Runs one request through the pipeline. Never fails: every error is a response.
 pub(super) async fn handle(
     state: &ProxyState,
-    client: &UpstreamClient,
-    own: &Dedicated,
-    peer: SocketAddr,
+    conn: &Conn<'_>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -55,14 +63,14 @@ pub(super) async fn handle(
     // One load per request: a SIGHUP swap affects later requests, never one half-way through.
     let router = state.router.load_full();
 
-    let authorised = authorize(state, &router, &req, &mut trail).await;
+    let authorised = authorize(state, &router, conn.peer, &req, &mut trail).await;
     let auth_time = started.elapsed();
     state.metrics.observe_auth(auth_time);
     let mut upstream_ms = 0;
     let (mut response, outcome, reason) = match authorised {
         Ok(grant) => {
             let upstream_started = Instant::now();
-            let result = forward(state, client, own, grant, peer, req, &request_id).await;
+            let result = forward(state, conn, grant, req, &request_id).await;
             upstream_ms = upstream_started.elapsed().as_millis() as u64;
             match result {
                 Ok(response) => (response, Outcome::Allowed, "-"),
@@ -103,9 +111,7 @@ pub(super) async fn handle(
 #[cfg(feature = "bench-passthrough")]
 pub(super) async fn passthrough(
     state: &ProxyState,
-    client: &UpstreamClient,
-    own: &Dedicated,
-    peer: SocketAddr,
+    conn: &Conn<'_>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     static ENTRY: OnceLock<Arc<KeyEntry>> = OnceLock::new();
@@ -142,7 +148,7 @@ pub(super) async fn passthrough(
         entry: entry.clone(),
         source,
     };
-    match forward(state, client, own, grant, peer, req, &request_id).await {
+    match forward(state, conn, grant, req, &request_id).await {
         Ok(mut response) => {
             response.headers_mut().insert(&X_REQUEST_ID, request_id);
             response
@@ -155,6 +161,7 @@ pub(super) async fn passthrough(
 async fn authorize<'s>(
     state: &ProxyState,
     router: &'s Router,
+    peer: SocketAddr,
     req: &Request<Incoming>,
     trail: &mut Trail<'s>,
 ) -> Result<Grant<'s>, Rejection> {
@@ -167,13 +174,16 @@ async fn authorize<'s>(
         Some(_) => {}
     }
     let headers = req.headers();
-    // hyper lets Content-Length and Transfer-Encoding through together; an upstream or a
-    // middlebox may frame such a request differently, so refuse it (RFC 9112 §6.3).
+    // An upstream or a middlebox may frame a request with both Content-Length and
+    // Transfer-Encoding differently, so refuse it (RFC 9112 §6.3). hyper's HTTP/1.1 parser
+    // already drops the Content-Length in that case (and closes the connection after the
+    // response), so this is a guard for any other way such a request could arrive.
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Err(Rejection::BadRequest(
             "content_length_with_transfer_encoding",
         ));
     }
+    check_framing(req)?;
     if req.method() == Method::CONNECT {
         return Err(Rejection::BadRequest("connect_not_supported"));
     }
@@ -203,11 +213,15 @@ async fn authorize<'s>(
     }
     state
         .verifier
-        .verify(&entry, &key)
+        .verify(&entry, &key, peer.ip())
         .await
         .map_err(|e| match e {
             VerifyError::Mismatch => Rejection::Unauthorized(AuthFailure::Unknown),
             VerifyError::Busy => Rejection::Busy,
+            // Round up: never tell a client to come back before the window ends.
+            VerifyError::Throttled(wait) => {
+                Rejection::Throttled(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
         })?;
     trail.entry = Some(entry.clone());
 
@@ -221,13 +235,42 @@ async fn authorize<'s>(
     })
 }
 
+/// What hyper accepts but an upstream or a middlebox could read differently: refused.
+fn check_framing(req: &Request<Incoming>) -> Result<(), Rejection> {
+    let headers = req.headers();
+    // keygate removes Transfer-Encoding and re-frames the body; any coding but a lone
+    // `chunked` (e.g. `gzip, chunked`) would change the bytes the upstream reads.
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(Rejection::BadRequest("unsupported_transfer_encoding"));
+        }
+    }
+    // Several Host headers (RFC 9112 §3.2: 400), or a Host that disagrees with an
+    // absolute-form target: which one names the resource is ambiguous.
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Rejection::BadRequest("ambiguous_host"));
+    }
+    if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
+        if req.version() < Version::HTTP_2 && host.as_bytes() != authority.as_str().as_bytes() {
+            return Err(Rejection::BadRequest("ambiguous_host"));
+        }
+    }
+    // Tunnels are not supported: an Upgrade is refused rather than silently dropped, so
+    // nothing can switch protocols behind keygate's back.
+    if headers.contains_key(UPGRADE) {
+        return Err(Rejection::BadRequest("upgrade_not_supported"));
+    }
+    Ok(())
+}
+
 /// Steps 7–9 for an authorised request.
 async fn forward(
     state: &ProxyState,
-    client: &UpstreamClient,
-    own: &Dedicated,
+    conn: &Conn<'_>,
     grant: Grant<'_>,
-    peer: SocketAddr,
     req: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
@@ -244,8 +287,8 @@ async fn forward(
     set_forwarding(
         &mut parts.headers,
         Forwarding {
-            client_ip: peer.ip(),
-            proto: "http",
+            client_ip: conn.peer.ip(),
+            proto: if conn.tls { "https" } else { "http" },
             original_host,
             upstream_host: upstream.authority.as_str(),
             identity: &grant.entry.identity,
@@ -271,25 +314,36 @@ async fn forward(
     let now_ms = state.clock.now_ms();
     state
         .usage
-        .record_from(&grant.entry, now_ms, Some(peer.ip()));
+        .record_from(&grant.entry, now_ms, Some(conn.peer.ip()));
     // Only audited requests pay for copying the path.
     let audited = (grant.entry.id.kind == KeyKind::ServiceAccount
         && grant.route.audit.covers(&parts.method))
     .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
-    let request = Request::from_parts(parts, IdleTimeout::new(body, state.idle_timeout));
+    let request = Request::from_parts(
+        parts,
+        IdleTimeout::new(DataOnly::new(body), state.idle_timeout),
+    );
     let sent = Instant::now();
     let response = if dedicated {
-        client.send_dedicated(own, request).await
+        conn.client.send_dedicated(conn.own, request).await
     } else {
-        client.send_pooled(request).await
+        conn.client.send_pooled(grant.route, request).await
     };
-    let response = response.map_err(|failure| {
-        state.metrics.upstream_error(grant.route.index, failure);
-        upstream::rejection(failure)
+    let response = response.map_err(|e| match e {
+        SendError::Upstream(failure) => {
+            state.metrics.upstream_error(grant.route.index, failure);
+            upstream::rejection(failure)
+        }
+        SendError::ClientBody => Rejection::BadRequest("bad_request_body"),
     })?;
     state
         .metrics
         .observe_upstream(grant.route.index, sent.elapsed());
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // keygate asked for no upgrade and tunnels nothing: a 101 is an upstream fault.
+        tracing::warn!("upstream answered 101 to a request without Upgrade");
+        return Err(Rejection::BadGateway);
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Some((method, path)) = audited {
@@ -299,7 +353,7 @@ async fn forward(
             method,
             path,
             status: parts.status.as_u16(),
-            client: peer.ip(),
+            client: conn.peer.ip(),
         });
     }
     // Tell the caller when its key stops working while it is inside an expiry window; never
@@ -396,6 +450,7 @@ fn counted(rejection: &Rejection) -> Outcome {
         Rejection::Forbidden(_) => Outcome::Forbidden,
         Rejection::NotReady | Rejection::Stale => Outcome::NotReady,
         Rejection::Busy => Outcome::Busy,
+        Rejection::Throttled(_) => Outcome::Throttled,
         Rejection::BadGateway => Outcome::UpstreamError(UpstreamFailure::Request),
         Rejection::GatewayTimeout => Outcome::UpstreamError(UpstreamFailure::Timeout),
     }
@@ -412,5 +467,6 @@ fn outcome_label(outcome: Outcome) -> &'static str {
         Outcome::BadRequest => "bad_request",
         Outcome::Busy => "busy",
         Outcome::NotReady => "not_ready",
+        Outcome::Throttled => "throttled",
     }
 }

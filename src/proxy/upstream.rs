@@ -1,8 +1,10 @@
 //! The upstream side. An HTTP/1 client connection gets upstream connections of its own,
 //! driven inside that client connection's task: no pool checkout per request and no wake-ups
 //! crossing tasks or threads, which is most of what a proxy's own overhead is made of.
-//! HTTP/2 client connections (many requests at once) share a per-worker pool (hyper-util's
-//! client). Either way the response head has a deadline and failures map to 502/504.
+//! HTTP/2 client connections (many requests at once) and `https://` routes share per-worker
+//! pools (hyper-util's client; over rustls for `https://`, one pool per such route with its own
+//! trust and client certificate). Either way the response head has a deadline and failures map
+//! to 502/504.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,61 +12,114 @@ use std::sync::{Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::body::IdleTimeout;
+use super::body::{ClientBodyError, DataOnly, IdleTimeout};
 use super::error::Rejection;
+use super::route::Route;
+use crate::config::RouteConfig;
 use crate::metrics::UpstreamFailure;
+use crate::tls::{self, TlsError};
 
-/// What keygate sends upstream: the client's body, streamed under the idle timeout.
-pub type OutboundBody = IdleTimeout<Incoming>;
+/// What keygate sends upstream: the client's body without trailers, streamed under the idle
+/// timeout.
+pub type OutboundBody = IdleTimeout<DataOnly<Incoming>>;
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, OutboundBody>;
+
+/// Why a request could not be sent upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The upstream could not be reached, broke, or was too slow.
+    Upstream(UpstreamFailure),
+    /// The client's own body failed while it was being forwarded (400, not the upstream's fault).
+    ClientBody,
+}
 
 type UpstreamConnection = http1::Connection<TokioIo<TcpStream>, OutboundBody>;
 
 /// The per-worker upstream client.
 pub struct UpstreamClient {
     pool: Client<HttpConnector, OutboundBody>,
+    /// One pool per `https://` route, by route name (few routes: a scan beats a hash).
+    https: Vec<(String, HttpsClient)>,
     response_timeout: Duration,
 }
 
 impl UpstreamClient {
-    pub fn new(response_timeout: Duration) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(response_timeout));
+    /// Builds the pools; an unreadable CA bundle or client certificate is an error.
+    pub fn new(
+        routes: &[RouteConfig],
+        response_timeout: Duration,
+    ) -> Result<UpstreamClient, TlsError> {
         let pool = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        UpstreamClient {
-            pool,
-            response_timeout,
+            .build(http_connector(response_timeout));
+        let mut https = Vec::new();
+        for route in routes.iter().filter(|r| r.upstream.scheme == Scheme::HTTPS) {
+            let mut http = http_connector(response_timeout);
+            http.enforce_http(false);
+            let connector = HttpsConnectorBuilder::new()
+                .with_tls_config(tls::client_config(&route.tls)?)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            let client = Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector);
+            https.push((route.name.clone(), client));
         }
+        Ok(UpstreamClient {
+            pool,
+            https,
+            response_timeout,
+        })
     }
 
-    /// Sends `req` through the shared pool and waits for the response head.
+    /// Sends `req` to `route`'s upstream through a shared pool and waits for the response head.
     pub async fn send_pooled(
         &self,
+        route: &Route,
         req: Request<OutboundBody>,
-    ) -> Result<Response<Incoming>, UpstreamFailure> {
-        match tokio::time::timeout(self.response_timeout, self.pool.request(req)).await {
+    ) -> Result<Response<Incoming>, SendError> {
+        let sent = if route.upstream.scheme == Scheme::HTTPS {
+            match self.https.iter().find(|(name, _)| *name == route.name) {
+                Some((_, client)) => client.request(req),
+                // Pools are built for the https routes known at start; a route added by a reload
+                // needs a restart. Never fall back to clear text.
+                None => {
+                    tracing::warn!(route = %route.name, "no TLS pool for this https route; restart keygate to add one");
+                    return Err(SendError::Upstream(UpstreamFailure::Connect));
+                }
+            }
+        } else {
+            self.pool.request(req)
+        };
+        match tokio::time::timeout(self.response_timeout, sent).await {
             Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if caused_by_client_body(&e) => {
+                tracing::info!(error = %error_chain(&e), "client request body failed while forwarding");
+                Err(SendError::ClientBody)
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
-                Err(if e.is_connect() {
+                Err(SendError::Upstream(if e.is_connect() {
                     UpstreamFailure::Connect
                 } else {
                     UpstreamFailure::Request
-                })
+                }))
             }
-            Err(_) => Err(self.timed_out()),
+            Err(_) => Err(SendError::Upstream(self.timed_out())),
         }
     }
 
@@ -74,21 +129,24 @@ impl UpstreamClient {
         &self,
         own: &Dedicated,
         mut req: Request<OutboundBody>,
-    ) -> Result<Response<Incoming>, UpstreamFailure> {
+    ) -> Result<Response<Incoming>, SendError> {
         let Some(authority) = req.uri().authority().cloned() else {
-            return Err(UpstreamFailure::Request);
+            return Err(SendError::Upstream(UpstreamFailure::Request));
         };
         // On its own connection a request goes in origin form (`/path?query`, RFC 9112 §3.2.1);
         // the Host header already names the upstream.
         let mut origin_form = http::uri::Parts::default();
         origin_form.path_and_query = req.uri().path_and_query().cloned();
-        *req.uri_mut() =
-            http::Uri::from_parts(origin_form).map_err(|_| UpstreamFailure::Request)?;
+        *req.uri_mut() = http::Uri::from_parts(origin_form)
+            .map_err(|_| SendError::Upstream(UpstreamFailure::Request))?;
         let mut reused = own.take_sender(&authority);
         for _ in 0..2 {
             let mut sender = match reused.take() {
                 Some(s) => s,
-                None => self.connect(own, &authority).await?,
+                None => self
+                    .connect(own, &authority)
+                    .await
+                    .map_err(SendError::Upstream)?,
             };
             if sender.ready().await.is_err() {
                 // Closed while idle (the upstream's keep-alive ended): open a fresh one.
@@ -102,20 +160,25 @@ impl UpstreamClient {
                 Ok(Err(mut e)) => match e.take_message() {
                     // Never written: safe to send again on a new connection.
                     Some(unsent) => req = unsent,
+                    None if caused_by_client_body(e.error()) => {
+                        tracing::info!(error = %error_chain(e.error()), "client request body failed while forwarding");
+                        own.close();
+                        return Err(SendError::ClientBody);
+                    }
                     None => {
                         tracing::warn!(error = %error_chain(e.error()), "upstream request failed");
-                        return Err(UpstreamFailure::Request);
+                        return Err(SendError::Upstream(UpstreamFailure::Request));
                     }
                 },
                 Err(_) => {
                     // The connection still carries the abandoned request: never reuse it.
                     own.close();
-                    return Err(self.timed_out());
+                    return Err(SendError::Upstream(self.timed_out()));
                 }
             }
         }
         tracing::warn!(upstream = %authority, "upstream closed two connections before a request could be sent");
-        Err(UpstreamFailure::Request)
+        Err(SendError::Upstream(UpstreamFailure::Request))
     }
 
     async fn connect(
@@ -242,6 +305,24 @@ pub fn rejection(failure: UpstreamFailure) -> Rejection {
         UpstreamFailure::Connect | UpstreamFailure::Request => Rejection::BadGateway,
         UpstreamFailure::Timeout => Rejection::GatewayTimeout,
     }
+}
+
+fn http_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector
+}
+
+fn caused_by_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<ClientBodyError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

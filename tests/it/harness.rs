@@ -133,6 +133,10 @@ pub struct Recorded {
     pub uri: String,
     pub headers: HeaderMap,
     pub body_len: u64,
+    /// The body ended in an error (aborted or malformed) rather than cleanly.
+    pub body_error: bool,
+    /// Trailer fields, when the body carried any.
+    pub trailers: Option<HeaderMap>,
 }
 
 /// A real HTTP server on a real port that records every request it gets. Paths:
@@ -223,10 +227,20 @@ async fn upstream_answer(
 ) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, mut body) = req.into_parts();
     let mut body_len = 0u64;
+    let mut body_error = false;
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         match frame {
-            Ok(f) => body_len += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
-            Err(_) => break,
+            Ok(f) => {
+                body_len += f.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+                if let Some(t) = f.trailers_ref() {
+                    trailers = Some(t.clone());
+                }
+            }
+            Err(_) => {
+                body_error = true;
+                break;
+            }
         }
     }
     log.lock().expect("lock").push(Recorded {
@@ -234,6 +248,8 @@ async fn upstream_answer(
         uri: parts.uri.to_string(),
         headers: parts.headers.clone(),
         body_len,
+        body_error,
+        trailers,
     });
     let path = parts.uri.path();
     if path.ends_with("/download") {
@@ -337,6 +353,8 @@ pub struct AppOptions {
     pub heartbeat_interval: &'static str,
     /// `[database] max_staleness` ("none" or a duration).
     pub max_staleness: &'static str,
+    /// Extra settings inside `[proxy]` (limits and timeouts).
+    pub proxy_toml: String,
 }
 
 impl Default for AppOptions {
@@ -349,6 +367,7 @@ impl Default for AppOptions {
             upstream_timeout: "5s",
             heartbeat_interval: "200ms",
             max_staleness: "none",
+            proxy_toml: String::new(),
         }
     }
 }
@@ -402,6 +421,7 @@ listen = "127.0.0.1:0"
 upstream_timeout = "{upstream_timeout}"
 idle_timeout = "5s"
 shutdown_grace = "5s"
+{proxy_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -430,6 +450,7 @@ parallelism = 1
         heartbeat = opts.heartbeat_interval,
         max_staleness = opts.max_staleness,
         extra = opts.extra_toml,
+        proxy_extra = opts.proxy_toml,
         routes = standard_routes(upstream),
     )
 }

@@ -376,7 +376,7 @@ both_engines! {
 }
 
 /// A well-formed key with the given prefix and secret (the checksum is public).
-fn forge(prefix: &str, secret: &str) -> String {
+pub fn forge(prefix: &str, secret: &str) -> String {
     let body = format!("{prefix}_{secret}");
     let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut n = crc32fast::hash(body.as_bytes());

@@ -1,0 +1,434 @@
+//! Resource abuse: connection cap, slow and idle clients, HTTP/2 stream caps and rapid reset,
+//! and key-guessing floods (failure budgets per prefix and per client, warm keys unaffected).
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::both_engines;
+use crate::harness::*;
+
+fn with_proxy(proxy_toml: &str) -> AppOptions {
+    AppOptions {
+        proxy_toml: proxy_toml.to_string(),
+        ..AppOptions::default()
+    }
+}
+
+/// Reads until the peer closes the connection; returns the bytes read, or `None` on timeout.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_client_waits_until_one_closes() {
+    let app = spawn_app_with(Engine::Sqlite, with_proxy("max_connections = 2")).await;
+    // Two connections that hold their slots (an unfinished request head).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(app.proxy_addr).await.expect("connect");
+        s.write_all(b"GET /recordings/1 HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(app.proxy_addr)
+        .await
+        .expect("the kernel backlog accepts");
+    third
+        .write_all(b"GET /recordings/1 HTTP/1.1\r\nHost: kg\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), third.read(&mut buf))
+            .await
+            .is_err(),
+        "keygate must not serve a third connection while two are open"
+    );
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a slot frees")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 401"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_head_and_an_idle_keep_alive_connection_are_both_closed() {
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        with_proxy("header_read_timeout = \"300ms\""),
+    )
+    .await;
+
+    // Slowloris: half a head, then silence.
+    let mut slow = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    slow.write_all(b"GET /recordings/1 HTTP/1.1\r\nHost: kg\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    read_until_closed(&mut slow, Duration::from_secs(5))
+        .await
+        .expect("closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Keep-alive: one full exchange, then idle.
+    let mut idle = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    idle.write_all(b"GET /recordings/1 HTTP/1.1\r\nHost: kg\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).await.expect("response");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 401"));
+    let started = Instant::now();
+    read_until_closed(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_told_the_stream_cap() {
+    let app = spawn_app_with(Engine::Sqlite, with_proxy("h2_max_concurrent_streams = 7")).await;
+    let tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    let (client, mut conn) = h2::client::handshake(tcp).await.expect("h2");
+    // The peer's SETTINGS arrive with the first exchange; drive the connection until then.
+    let exchange = async {
+        let mut client = client.ready().await.expect("ready");
+        let req = http::Request::get("http://kg/recordings/1")
+            .body(())
+            .expect("request");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        resp.await.expect("response").status()
+    };
+    let status = tokio::select! {
+        s = exchange => s,
+        r = &mut conn => panic!("connection ended early: {r:?}"),
+    };
+    assert_eq!(status, 401);
+    assert_eq!(conn.max_concurrent_send_streams(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_gets_goaway_and_costs_no_upstream_requests() {
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        with_proxy("h2_max_pending_reset_streams = 20"),
+    )
+    .await;
+    let account = app.create_account("flood").await;
+    let key = app.create_key(&account, "k", &["recordings:read"]).await;
+    // 2000 keyed requests, each reset right after its HEADERS, in one write.
+    let mut block = Vec::new();
+    for (n, v) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "kg"),
+        (":path", "/recordings/slow?ms=1000"),
+        ("authorization", &format!("Bearer {}", key.key.expose())[..]),
+    ] {
+        block.push(0u8);
+        block.push(n.len() as u8);
+        block.extend_from_slice(n.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    for i in 0..2000u32 {
+        let id = 1 + 2 * i;
+        out.extend(frame(1, 0x5, id, &block));
+        out.extend(frame(3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let mut tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    let _ = tcp.write_all(&out).await; // keygate may close before reading it all
+    let bytes = read_until_closed(&mut tcp, Duration::from_secs(10))
+        .await
+        .expect("connection ends");
+    // Find a GOAWAY frame (type 7) with ENHANCE_YOUR_CALM (0xb).
+    let mut i = 0;
+    let mut goaway = None;
+    while i + 9 <= bytes.len() {
+        let len = u32::from_be_bytes([0, bytes[i], bytes[i + 1], bytes[i + 2]]) as usize;
+        if bytes[i + 3] == 7 && i + 9 + 8 <= bytes.len() {
+            goaway = Some(u32::from_be_bytes(
+                bytes[i + 13..i + 17].try_into().expect("4 bytes"),
+            ));
+        }
+        i += 9 + len;
+    }
+    assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reached = app.upstream.count();
+    assert!(
+        reached < 300,
+        "{reached} of 2000 reset requests reached the upstream"
+    );
+}
+
+both_engines! {
+    async fn forged_keys_past_the_prefix_budget_get_429_while_a_warm_key_stays_fast(engine: Engine) {
+        let app = spawn_app_with(engine, AppOptions {
+            extra_toml: "[verification]\nprefix_failure_budget = 3\nclient_failure_budget = 1000\nfailure_window = \"1m\"\n".into(),
+            ..AppOptions::default()
+        }).await;
+        let account = app.create_account("victim").await;
+        let real = app.create_key(&account, "k", &["recordings:read"]).await;
+        let key = real.key.expose().to_string();
+        assert_eq!(app.get("/recordings/1", Some(&key)).await.status, 200, "warm the cache");
+
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let forged = crate::proxy::forge(&key[..8], &format!("{:0>32}", i));
+            let r = app.get("/recordings/1", Some(&forged)).await;
+            if r.status == 429 {
+                let secs: u64 = r.headers["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+                assert!((1..=60).contains(&secs), "{secs}");
+                assert_eq!(r.json()["error"], "too_many_requests");
+            }
+            statuses.push(r.status.as_u16());
+        }
+        assert_eq!(statuses, [401, 401, 401, 429, 429, 429]);
+        // The warm key is served from the cache: never throttled.
+        assert_eq!(app.get("/recordings/1", Some(&key)).await.status, 200);
+        let stats = &app.keygate.as_ref().expect("running").proxy.verifier.stats;
+        assert_eq!(stats.argon2_runs.load(std::sync::atomic::Ordering::Relaxed), 4, "one for the real key, three for the budget");
+        assert_eq!(app.upstream.count(), 2);
+    }
+}
+
+both_engines! {
+    async fn a_client_past_its_failure_budget_gets_429_on_any_prefix(engine: Engine) {
+        let app = spawn_app_with(engine, AppOptions {
+            extra_toml: "[verification]\nprefix_failure_budget = 1000\nclient_failure_budget = 2\n".into(),
+            ..AppOptions::default()
+        }).await;
+        let account = app.create_account("victim").await;
+        let a = app.create_key(&account, "a", &["recordings:read"]).await;
+        let b = app.create_key(&account, "b", &["recordings:read"]).await;
+        let a_key = a.key.expose().to_string();
+        assert_eq!(app.get("/recordings/1", Some(&a_key)).await.status, 200);
+        for i in 0..2 {
+            let forged = crate::proxy::forge(&a_key[..8], &format!("{:0>32}", i));
+            assert_eq!(app.get("/recordings/1", Some(&forged)).await.status, 401);
+        }
+        // Another prefix from the same address: its verification would cost argon2, refused.
+        let r = app.get("/recordings/1", Some(b.key.expose())).await;
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains_key("retry-after"));
+        // A key verified earlier still passes.
+        assert_eq!(app.get("/recordings/1", Some(&a_key)).await.status, 200);
+    }
+}
+
+/// CPU seconds used so far by this process's threads whose name starts with `prefix`.
+fn thread_cpu(prefix: &str) -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some((comm_end, rest))) = (stat.find('('), stat.rsplit_once(") ")) else {
+            continue;
+        };
+        if !stat[open + 1..comm_end.len()].starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split(' ').collect();
+        ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    }
+    ticks as f64 / 100.0
+}
+
+/// Figures for the closing note, not a pass/fail test: run with
+/// `cargo test --release --test it flood_figures -- --ignored --nocapture`. keygate runs on
+/// its own runtime (threads named `kgate`, argon2's blocking threads included), so its CPU is
+/// read apart from the flood client's.
+#[test]
+#[ignore = "a measurement: a few seconds of load"]
+fn flood_figures() {
+    let keygate_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kgate")
+        .enable_all()
+        .build()
+        .expect("keygate runtime");
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    for (label, budgets) in [
+        (
+            "budgets off (1e9)",
+            "prefix_failure_budget = 1000000000\nclient_failure_budget = 1000000000\n",
+        ),
+        ("default budgets (10 per prefix, 20 per client)", ""),
+    ] {
+        // The upstream runs on the client's runtime, so its CPU is not counted as keygate's.
+        let upstream = client_rt.block_on(Upstream::start());
+        let (kg, _db, key) = keygate_rt.block_on(async {
+            let db = TestDb::new(Engine::Sqlite).await;
+            let opts = AppOptions {
+                extra_toml: format!("[verification]\n{budgets}"),
+                ..AppOptions::default()
+            };
+            // OWASP argon2 parameters, as in production.
+            let toml = test_config_toml(&db.url, upstream.addr, &opts).replace(
+                "memory_kib = 1024\niterations = 1",
+                "memory_kib = 19456\niterations = 2",
+            );
+            let config = keygate::config::Config::from_toml(&toml, "test", std::iter::empty())
+                .expect("config");
+            let (p, a) = keygate::server::bind(&config).await.expect("bind");
+            let kg = keygate::server::start(&config, p, a, keygate::clock::Clock::System)
+                .await
+                .expect("start");
+            assert!(kg.ready(Duration::from_secs(10)).await);
+            let store = keygate::store::Store::connect(&config.database.url, 2)
+                .await
+                .expect("store");
+            let manager =
+                keygate::manage::Manager::new(store, config.hashing, keygate::clock::Clock::System)
+                    .expect("manager");
+            let account = manager
+                .create_account("m", "", &keygate::manage::Actor::cli())
+                .await
+                .expect("account");
+            let issued = manager
+                .issue_key(
+                    &account,
+                    "k",
+                    &["recordings:read".to_string()],
+                    None,
+                    &keygate::manage::Actor::cli(),
+                )
+                .await
+                .expect("key");
+            let key = issued.key.expose().to_string();
+            let p8 = keygate::keys::KeyPrefix::parse(&key[..8]).expect("prefix");
+            wait_until(Duration::from_secs(5), || kg.table.lookup(&p8).is_some()).await;
+            (kg, db, key)
+        });
+        let url = format!("http://{}/recordings/1", kg.proxy_addr);
+        let (kg_cpu0, all_cpu0, wall0) = (thread_cpu("kgate"), thread_cpu(""), Instant::now());
+        let (counts, mut lat) = client_rt.block_on(async {
+            let c = client();
+            let get = move |k: String| {
+                let c = c.clone();
+                let url = url.clone();
+                async move {
+                    let req = http::Request::get(url)
+                        .header("authorization", format!("Bearer {k}"))
+                        .body(empty())
+                        .expect("req");
+                    send_with(&c, req).await.status.as_u16()
+                }
+            };
+            assert_eq!(get(key.clone()).await, 200, "warm the key");
+            let stop = Instant::now() + Duration::from_secs(3);
+            let mut flood = Vec::new();
+            for t in 0..16 {
+                let get = get.clone();
+                let key = key.clone();
+                flood.push(tokio::spawn(async move {
+                    let mut counts = std::collections::BTreeMap::<u16, u64>::new();
+                    let mut i = 0u64;
+                    while Instant::now() < stop {
+                        let forged = crate::proxy::forge(&key[..8], &format!("{t:0>8}{i:0>24}"));
+                        *counts.entry(get(forged).await).or_default() += 1;
+                        i += 1;
+                    }
+                    counts
+                }));
+            }
+            let mut lat = Vec::new();
+            while Instant::now() < stop {
+                let t = Instant::now();
+                assert_eq!(get(key.clone()).await, 200);
+                lat.push(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let mut counts = std::collections::BTreeMap::<u16, u64>::new();
+            for f in flood {
+                for (s, n) in f.await.expect("flood task") {
+                    *counts.entry(s).or_default() += n;
+                }
+            }
+            (counts, lat)
+        });
+        let wall = wall0.elapsed().as_secs_f64();
+        let (kg_cpu, all_cpu) = (thread_cpu("kgate") - kg_cpu0, thread_cpu("") - all_cpu0);
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        let stats = &kg.proxy.verifier.stats;
+        let runs = stats.argon2_runs.load(std::sync::atomic::Ordering::Relaxed);
+        let flood_total: u64 = counts.values().sum();
+        println!(
+            "{label}: flood answers {counts:?} ({:.0}/s); warm key {} requests p50 {:?} p99 {:?} max {:?}; argon2 runs {runs}; keygate CPU {kg_cpu:.2}s over {wall:.2}s wall ({:.0}% of one core); whole process {all_cpu:.2}s",
+            flood_total as f64 / wall, lat.len(), pct(0.5), pct(0.99), lat[lat.len() - 1], 100.0 * kg_cpu / wall
+        );
+        keygate_rt.block_on(kg.shutdown());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_header_list_over_max_header_bytes_is_refused() {
+    let app = spawn_app_with(Engine::Sqlite, with_proxy("max_header_bytes = 4096")).await;
+    let tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let small = http::Request::get("http://kg/recordings/1")
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(small, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 401);
+    let mut client = client.ready().await.expect("ready");
+    let big = http::Request::get("http://kg/recordings/1")
+        .header("x-big", "a".repeat(8 * 1024))
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(big, true).expect("send");
+    let outcome = resp.await.map(|r| r.status().as_u16());
+    assert_eq!(outcome.ok(), Some(431));
+    assert_eq!(app.upstream.count(), 0);
+}
