@@ -18,6 +18,7 @@ use super::error::AdminError;
 use super::session::{self, ClientAddr, ConsoleUser, CurrentUser};
 use super::AdminState;
 use crate::clock::{parse_duration_ms, rfc3339};
+use crate::fleet;
 use crate::manage::{is_stale, key_status, Actor, IssuedKey, Password};
 use crate::store::{KeyRecord, User};
 
@@ -40,6 +41,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         .route("/admin/keys/{id}/expiry", post(expiry_form))
         .route("/admin/keys/{id}/replace", post(replace_key_form))
         .route("/admin/audit", get(audit_page))
+        .route("/admin/sidecars", get(sidecars_page))
         .route("/admin/static/console.css", get(stylesheet))
         .route("/admin/static/console.js", get(script))
         .layer(axum::middleware::map_response(super::secure_headers))
@@ -150,6 +152,8 @@ struct KeyView {
     status: &'static str,
     stale: bool,
     live: bool,
+    /// For a revoked key: on how many live sidecars the revocation has taken effect.
+    propagation: String,
 }
 
 struct Rotation {
@@ -222,6 +226,28 @@ struct AccountPage {
     rotations: Vec<Rotation>,
     route_scopes: Vec<String>,
     new_key: Option<NewKey>,
+    error: Option<String>,
+}
+
+struct SidecarView {
+    id: String,
+    this: bool,
+    host: String,
+    version: String,
+    started: String,
+    seen: String,
+    table_age: String,
+    keys: i64,
+    watermark: String,
+}
+
+#[derive(Template)]
+#[template(path = "sidecars.html")]
+struct SidecarsPage {
+    chrome: Chrome,
+    sidecars: Vec<SidecarView>,
+    key_prefix: String,
+    change: Option<fleet::Applied>,
     error: Option<String>,
 }
 
@@ -475,10 +501,22 @@ async fn account_view(
                 })
             })
             .collect();
+        let mut keys: Vec<KeyView> = records.iter().map(view).collect();
+        // After a revoke, show how far it has spread across the fleet ("applied on 3 of 3").
+        for (k, record) in keys.iter_mut().zip(&records) {
+            if record.revoked_at.is_some() {
+                if let Some(a) =
+                    fleet::applied(&state.store, &record.prefix, now, state.heartbeat_interval)
+                        .await?
+                {
+                    k.propagation = format!("applied on {} of {} sidecars", a.applied, a.of);
+                }
+            }
+        }
         Ok::<_, AdminError>(AccountPage {
             chrome: Chrome::new(user, "keys"),
             account,
-            keys: records.iter().map(view).collect(),
+            keys,
             rotations,
             route_scopes: state
                 .route_scopes
@@ -648,6 +686,59 @@ async fn after_key_change(
     }
 }
 
+#[derive(serde::Deserialize)]
+struct SidecarsQuery {
+    key_prefix: Option<String>,
+}
+
+/// The fleet: every live sidecar with how current its key table is, and on how many of them
+/// a given key's latest change has taken effect.
+async fn sidecars_page(
+    State(state): State<Arc<AdminState>>,
+    ConsoleUser(user): ConsoleUser,
+    Query(q): Query<SidecarsQuery>,
+) -> Response {
+    let now = state.clock.now_ms();
+    let sidecars = match fleet::live(&state.store, now, state.heartbeat_interval).await {
+        Ok(s) => s,
+        Err(e) => return AdminError::from(e).into_html(),
+    };
+    let key_prefix = q.key_prefix.unwrap_or_default().trim().to_string();
+    let (change, error) = if key_prefix.is_empty() {
+        (None, None)
+    } else {
+        match fleet::applied(&state.store, &key_prefix, now, state.heartbeat_interval).await {
+            Ok(Some(a)) => (Some(a), None),
+            Ok(None) => (None, Some(format!("No key has the prefix {key_prefix}."))),
+            Err(e) => return AdminError::from(e).into_html(),
+        }
+    };
+    let page = SidecarsPage {
+        chrome: Chrome::new(&user, "sidecars"),
+        sidecars: sidecars
+            .into_iter()
+            .map(|h| SidecarView {
+                this: h.id == state.identity.id,
+                id: h.id,
+                host: h.host,
+                version: h.version,
+                started: human_time(h.started_at),
+                seen: human_time(h.seen_at),
+                table_age: h
+                    .table_age_ms
+                    .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "not loaded".into()),
+                keys: h.keys,
+                watermark: human_time(h.watermark),
+            })
+            .collect(),
+        key_prefix,
+        change,
+        error,
+    };
+    render(&page)
+}
+
 async fn audit_page(
     State(state): State<Arc<AdminState>>,
     ConsoleUser(user): ConsoleUser,
@@ -787,6 +878,7 @@ fn key_view(k: &KeyRecord, now: i64, stale_after_ms: i64) -> KeyView {
         status,
         stale: is_stale(k, now, stale_after_ms),
         live: matches!(status, "active" | "expiring"),
+        propagation: String::new(),
     }
 }
 

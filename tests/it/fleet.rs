@@ -311,3 +311,31 @@ both_engines! {
         assert_eq!(r.status, 401, "{}", r.text());
     }
 }
+
+both_engines! {
+    async fn the_console_shows_the_fleet_and_where_a_revoke_took_effect(engine: Engine) {
+        let fleet = Fleet::start(engine, AppOptions::default()).await;
+        let key = fleet.issue("to-revoke").await;
+        fleet.manager.revoke_key(&key.record, &Actor::cli()).await.expect("revoke");
+        let prefix = key.key.prefix().to_string();
+        let started = Instant::now();
+        loop {
+            let page = fleet.admin_get(2, &format!("/admin/sidecars?key_prefix={prefix}")).await;
+            assert_eq!(page.status, 200);
+            let html = page.text();
+            for k in &fleet.sidecars {
+                assert!(html.contains(&k.identity.id), "sidecar {} listed", k.identity.id);
+            }
+            if html.contains("applied on <strong>3 of 3</strong>") {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "not applied on 3 of 3: {html}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let account = fleet.manager.account_named("billing").await.expect("account");
+        let page = fleet.admin_get(0, &format!("/admin/service-accounts/{}", account.id)).await;
+        assert_eq!(page.status, 200);
+        assert!(page.text().contains("applied on 3 of 3 sidecars"), "{}", page.text());
+        fleet.shutdown().await;
+    }
+}
