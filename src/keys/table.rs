@@ -320,7 +320,8 @@ impl KeyTable {
         changed
     }
 
-    /// Every entry whose key could be used now (not revoked), for counting and tests.
+    /// Entries in the table, revoked keys included (they stay, without their hash, so logs can
+    /// tell "revoked" from "unknown").
     pub fn len(&self) -> usize {
         self.map
             .read()

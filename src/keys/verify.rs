@@ -321,8 +321,7 @@ mod tests {
 
     /// Builds a well-formed key (valid checksum) from a prefix and a secret.
     fn forge(prefix: &str, secret: &str) -> String {
-        // Walk candidate checksums through parse: the checksum is public, so this is what an
-        // attacker can do too.
+        // The checksum is public (CRC32 of the rest), so an attacker can compute it too.
         let body = format!("{prefix}_{secret}");
         let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let mut n = crc32fast::hash(body.as_bytes());
