@@ -1,8 +1,9 @@
-//! Audit of requests service accounts make through the proxy, off the request path: the
-//! pipeline pushes a small record into a bounded queue (one short lock, no I/O); a background
-//! task writes the queue with multi-row inserts every flush interval, as soon as a batch has
-//! filled, and once more at shutdown. When the queue is full the record is dropped, counted,
-//! and the loss is logged at the next flush.
+//! Audit of requests service accounts and gateways make through the proxy (actor_type
+//! `service_account` or `gateway`), off the request path: the pipeline pushes a small record
+//! into a bounded queue (one short lock, no I/O); a background task writes the queue with
+//! multi-row inserts every flush interval, as soon as a batch has filled, and once more at
+//! shutdown. When the queue is full the record is dropped, counted, and the loss is logged at
+//! the next flush.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use prometheus::IntGauge;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::keys::KeyEntry;
+use crate::keys::{KeyEntry, Owner};
 use crate::metrics::QueueMetrics;
 use crate::store::{AuditEntry, Store, StoreError};
 
@@ -163,20 +164,25 @@ impl AuditQueue {
 }
 
 fn entry(r: &ProxiedRequest) -> AuditEntry {
+    let name = r.entry.owner.name();
+    let (actor_type, detail) = match r.entry.owner {
+        Owner::ServiceAccount { .. } => (
+            "service_account",
+            json!({ "account": name, "method": r.method.as_str(), "path": r.path, "status": r.status }),
+        ),
+        Owner::Gateway { id, .. } => (
+            "gateway",
+            json!({ "gateway": name, "gateway_id": id, "method": r.method.as_str(), "path": r.path, "status": r.status }),
+        ),
+    };
     AuditEntry {
         at: r.at_ms,
-        actor_type: "service_account".into(),
-        actor_id: Some(r.entry.owner.name().to_string()),
+        actor_type: actor_type.into(),
+        actor_id: Some(name.to_string()),
         action: "proxy.request".into(),
         key_prefix: Some(r.entry.prefix.to_string()),
         scopes: Some(r.entry.scopes.joined()),
-        detail: json!({
-            "account": r.entry.owner.name(),
-            "method": r.method.as_str(),
-            "path": r.path,
-            "status": r.status,
-        })
-        .to_string(),
+        detail: detail.to_string(),
         client_addr: Some(r.client.to_string()),
     }
 }
@@ -187,12 +193,13 @@ mod tests {
     use crate::keys::{generate, KeyId, KeyKind, KeyRow};
 
     fn record() -> ProxiedRequest {
+        record_of(KeyKind::ServiceAccount)
+    }
+
+    fn record_of(kind: KeyKind) -> ProxiedRequest {
         let row = KeyRow {
-            id: KeyId {
-                kind: KeyKind::ServiceAccount,
-                id: 1,
-            },
-            prefix: Some(generate(KeyKind::ServiceAccount).prefix().to_string()),
+            id: KeyId { kind, id: 1 },
+            prefix: Some(generate(kind).prefix().to_string()),
             key_hash: Some("$argon2id$fake".into()),
             scopes: "a:write".into(),
             expires_at: None,
@@ -264,5 +271,22 @@ mod tests {
         assert_eq!(detail["method"], "POST");
         assert_eq!(detail["path"], "/x");
         assert_eq!(detail["status"], 201);
+    }
+
+    #[test]
+    fn a_gateway_record_becomes_a_gateway_entry_without_the_key() {
+        let r = record_of(KeyKind::Gateway);
+        let e = entry(&r);
+        assert_eq!(e.actor_type, "gateway");
+        assert_eq!(e.actor_id.as_deref(), Some("billing"));
+        assert_eq!(e.key_prefix.as_deref(), Some(r.entry.prefix.as_str()));
+        assert!(e
+            .key_prefix
+            .as_deref()
+            .is_some_and(|p| p.starts_with("kgg")));
+        let detail: serde_json::Value = serde_json::from_str(&e.detail).expect("json");
+        assert_eq!(detail["gateway"], "billing");
+        assert_eq!(detail["gateway_id"], 1);
+        assert!(detail.get("account").is_none());
     }
 }

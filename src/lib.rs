@@ -7,14 +7,14 @@
 //! Layout (dependencies point downwards only):
 //!
 //! ```text
-//! cli        command-line front end (serve, migrate, config, account, key, user)
+//! cli        command-line front end (serve, migrate, config, account, key, user, gateway)
 //! server     starts and stops one keygate instance: listeners, background tasks, drain
 //! tls        rustls: the listener's reloadable certificate, https upstream client config
 //! proxy      data plane: the request pipeline, routing, header rules, upstream client
 //! admin      control-plane listener: health, readiness, metrics, the console and its JSON API,
 //!            sessions, the fleet list
 //! manage     control-plane operations shared by the CLI and the admin API (issue, revoke,
-//!            replace, users)
+//!            replace, users, gateway pairing)
 //! sync       keeps the in-memory key table in step with the database (NOTIFY + refresh)
 //! fleet      sidecar heartbeats: who runs, and how current each key table is
 //! usage      last-used stamping, batched off the request path

@@ -2,6 +2,8 @@
 //! revoke them and change their expiry. Input is validated before anything is written, every
 //! change is audited in the same transaction, and the audit holds prefixes, never keys.
 
+mod gateway;
+
 use argon2::Argon2;
 use serde_json::json;
 
@@ -9,6 +11,8 @@ use crate::clock::{rfc3339, Clock};
 use crate::config::HashingConfig;
 use crate::keys::{self, KeyKind, KeyPrefix, PlaintextKey, Scope, Scopes};
 use crate::store::{Account, AuditEntry, KeyRecord, NewKey, Store, StoreError, User};
+
+pub use gateway::{gateway_json, gateway_state, validate_gateway_name, PairedGateway};
 
 /// Who is making a change, for `created_by`/`revoked_by` and the audit log.
 #[derive(Clone, Debug)]
@@ -198,7 +202,7 @@ impl Manager {
         })?;
         if parsed.kind() != KeyKind::ServiceAccount {
             return Err(ManageError::Invalid(format!(
-                "`{prefix}` is a gateway key; gateway keys are managed by pairing (unpair or re-pair the gateway)"
+                "`{prefix}` is a gateway key; gateway keys are managed by pairing: use `keygate gateway unpair` or `keygate gateway repair`"
             )));
         }
         self.store

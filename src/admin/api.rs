@@ -1,7 +1,10 @@
 //! The JSON API under `/admin/api/v1`: login, service accounts, keys (the create response is
 //! the only place a key ever appears), revoke, expiry, replacement, and the audit log.
 //! State-changing calls need the session's `X-CSRF-Token`; key and account changes need the
-//! `owner` or `admin` role, checked here on every call.
+//! `owner` or `admin` role, checked here on every call. Gateways have their own routes in
+//! `gateways`.
+
+pub(super) mod gateways;
 
 use std::sync::Arc;
 
@@ -45,6 +48,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         .route("/admin/api/v1/keys/{id}/replace", post(replace_key))
         .route("/admin/api/v1/audit", get(list_audit))
         .route("/admin/api/v1/scopes", get(list_scopes))
+        .merge(gateways::routes())
 }
 
 #[derive(Deserialize)]
@@ -460,15 +464,24 @@ pub(super) async fn key(state: &AdminState, id: i64) -> Result<KeyRecord, AdminE
 }
 
 /// `/keys/{key}` names a key by its id or by its prefix. A gateway's prefix is a conflict:
-/// gateway keys change only through pairing.
+/// gateway keys change only through pairing, so the answer names that gateway's unpair path.
 async fn key_ref(state: &AdminState, key_ref: &str) -> Result<KeyRecord, AdminError> {
     if let Ok(id) = key_ref.parse::<i64>() {
         return key(state, id).await;
     }
     match KeyPrefix::parse(key_ref) {
-        Ok(p) if p.kind() == KeyKind::Gateway => Err(AdminError::Conflict(format!(
-            "`{key_ref}` is a gateway key: use the gateway unpair flow instead"
-        ))),
+        Ok(p) if p.kind() == KeyKind::Gateway => {
+            let how = match state.manager.store.gateway_by_prefix(key_ref).await? {
+                Some(g) => format!(
+                    "gateway `{}`: POST /admin/api/v1/gateways/{}/unpair (or /repair for a new key)",
+                    g.name, g.id
+                ),
+                None => "POST /admin/api/v1/gateways/{id}/unpair".to_string(),
+            };
+            Err(AdminError::Conflict(format!(
+                "`{key_ref}` is a gateway key: use the gateway unpair flow instead ({how})"
+            )))
+        }
         Ok(_) => state
             .manager
             .store

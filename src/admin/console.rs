@@ -1,6 +1,9 @@
 //! The console: server-rendered pages (askama templates, escaped by default), one stylesheet
 //! and one small script. Forms carry the session's CSRF token as a hidden `csrf` field; a new
-//! key is rendered once, in the response to the form that created it.
+//! key is rendered once, in the response to the form that created it. The Gateways page is
+//! in `gateways`.
+
+mod gateways;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +45,7 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
         .route("/admin/keys/{id}/replace", post(replace_key_form))
         .route("/admin/audit", get(audit_page))
         .route("/admin/sidecars", get(sidecars_page))
+        .merge(gateways::routes())
         .route("/admin/static/console.css", get(stylesheet))
         .route("/admin/static/console.js", get(script))
         .layer(axum::middleware::map_response(super::secure_headers))
@@ -202,6 +206,7 @@ struct LoginPage {
 }
 
 struct GatewayRow {
+    id: i64,
     name: String,
     prefix: String,
     scopes: Vec<String>,
@@ -415,6 +420,7 @@ async fn accounts_view(state: &AdminState, user: &CurrentUser, error: Option<Str
             .await?
             .into_iter()
             .map(|g| GatewayRow {
+                id: g.id,
                 name: g.name,
                 prefix: g.prefix,
                 scopes: g
@@ -795,13 +801,20 @@ async fn audit_page(
                 client: r.client_addr.clone().unwrap_or_default(),
             })
             .collect(),
-        actor_types: ["user", "service_account", "cli", "system", "setup"]
-            .into_iter()
-            .map(|value| Choice {
-                value,
-                selected: q.actor_type.as_deref() == Some(value),
-            })
-            .collect(),
+        actor_types: [
+            "user",
+            "service_account",
+            "gateway",
+            "cli",
+            "system",
+            "setup",
+        ]
+        .into_iter()
+        .map(|value| Choice {
+            value,
+            selected: q.actor_type.as_deref() == Some(value),
+        })
+        .collect(),
         filter: FilterView {
             action: text(&q.action),
             key_prefix: text(&q.key_prefix),

@@ -12,12 +12,17 @@ use crate::store::StoreError;
 /// The 403 text for operators and viewers on every key- or account-changing call.
 pub const ISSUANCE_FORBIDDEN: &str = "API key issuance is admin/owner-only";
 
+/// The 403 text for operators and viewers on pair, unpair and re-pair.
+pub const PAIRING_FORBIDDEN: &str = "gateway pairing is admin/owner-only";
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("log in first")]
     Unauthenticated,
     #[error("{ISSUANCE_FORBIDDEN}")]
     IssuanceForbidden,
+    #[error("{PAIRING_FORBIDDEN}")]
+    PairingForbidden,
     #[error("missing or wrong CSRF token")]
     Csrf,
     #[error("too many failed logins; try again later")]
@@ -55,7 +60,9 @@ impl AdminError {
     pub fn status(&self) -> StatusCode {
         match self {
             AdminError::Unauthenticated | AdminError::BadLogin => StatusCode::UNAUTHORIZED,
-            AdminError::IssuanceForbidden | AdminError::Csrf => StatusCode::FORBIDDEN,
+            AdminError::IssuanceForbidden | AdminError::PairingForbidden | AdminError::Csrf => {
+                StatusCode::FORBIDDEN
+            }
             AdminError::Throttled => StatusCode::TOO_MANY_REQUESTS,
             AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -68,7 +75,7 @@ impl AdminError {
     pub fn code(&self) -> &'static str {
         match self {
             AdminError::Unauthenticated => "unauthenticated",
-            AdminError::IssuanceForbidden => "forbidden",
+            AdminError::IssuanceForbidden | AdminError::PairingForbidden => "forbidden",
             AdminError::Csrf => "csrf",
             AdminError::Throttled => "throttled",
             AdminError::BadLogin => "bad_login",
@@ -148,6 +155,7 @@ mod tests {
         let cases = [
             (AdminError::Unauthenticated, 401, "unauthenticated"),
             (AdminError::IssuanceForbidden, 403, "forbidden"),
+            (AdminError::PairingForbidden, 403, "forbidden"),
             (AdminError::Csrf, 403, "csrf"),
             (AdminError::Throttled, 429, "throttled"),
             (AdminError::BadLogin, 401, "bad_login"),
@@ -166,6 +174,14 @@ mod tests {
         assert_eq!(
             AdminError::IssuanceForbidden.to_string(),
             "API key issuance is admin/owner-only"
+        );
+    }
+
+    #[test]
+    fn the_pairing_message_is_exact() {
+        assert_eq!(
+            AdminError::PairingForbidden.to_string(),
+            "gateway pairing is admin/owner-only"
         );
     }
 

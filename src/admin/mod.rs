@@ -25,13 +25,13 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::fleet::Identity;
-use crate::keys::{KeyTable, Scope};
+use crate::keys::{KeyTable, Scope, Scopes};
 use crate::manage::Manager;
 use crate::metrics::{self, Metrics};
 use crate::store::Store;
 use crate::sync::SyncStatus;
 
-pub use error::{AdminError, ISSUANCE_FORBIDDEN};
+pub use error::{AdminError, ISSUANCE_FORBIDDEN, PAIRING_FORBIDDEN};
 
 /// What the admin listener reads.
 pub struct AdminState {
@@ -49,6 +49,8 @@ pub struct AdminState {
     pub manager: Arc<Manager>,
     /// Scopes the configured routes require: what the console offers for new keys.
     pub route_scopes: Vec<Scope>,
+    /// `[gateways] scopes`: what pairing and re-pairing give a gateway's key.
+    pub gateway_scopes: Scopes,
     pub secure_cookies: bool,
     pub session_idle_timeout: Duration,
     pub stale_after: Duration,
@@ -77,6 +79,7 @@ impl AdminState {
             metrics: instance.metrics,
             manager,
             route_scopes: config.route_scopes(),
+            gateway_scopes: config.gateways.scopes.clone(),
             secure_cookies: config.admin.secure_cookies,
             session_idle_timeout: config.admin.session_idle_timeout,
             stale_after: config.admin.stale_after,

@@ -54,6 +54,15 @@ impl CurrentUser {
         }
     }
 
+    /// Refuses operators and viewers: only owners and admins pair, unpair and re-pair gateways.
+    pub fn require_gateway_manager(&self) -> Result<(), AdminError> {
+        if self.role.manages_keys() {
+            Ok(())
+        } else {
+            Err(AdminError::PairingForbidden)
+        }
+    }
+
     /// Compares a presented CSRF token with the session's, in constant time.
     pub fn check_csrf(&self, presented: Option<&str>) -> Result<(), AdminError> {
         match presented {

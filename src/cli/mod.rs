@@ -2,6 +2,7 @@
 //! Errors come back as one clear line; the binary prints it and exits non-zero.
 
 mod account;
+mod gateway;
 mod key;
 mod serve;
 mod user;
@@ -57,6 +58,9 @@ pub enum Command {
     /// Console users.
     #[command(subcommand)]
     User(user::UserCommand),
+    /// Gateways: pair, unpair, re-pair, list.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +133,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             println!("  proxy.listen     {}", config.proxy.listen);
             println!("  admin.listen     {}", config.admin.listen);
             println!("  database.url     {}", config.database.url);
+            println!("  gateways.scopes  {}", config.gateways.scopes.joined());
             println!("  routes           {}", config.routes.len());
             for r in &config.routes {
                 let methods = if r.methods.is_empty() {
@@ -150,6 +155,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Account(cmd) => account::run(cmd, &manager(&config).await?).await,
         Command::Key(cmd) => key::run(cmd, &manager(&config).await?, &config).await,
         Command::User(cmd) => user::run(cmd, &manager(&config).await?).await,
+        Command::Gateway(cmd) => gateway::run(cmd, &manager(&config).await?, &config).await,
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::keys::Scope;
+use crate::keys::{Scope, Scopes};
 
 /// A fully validated configuration.
 #[derive(Clone, Debug)]
@@ -24,6 +24,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub gateways: GatewaysConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -164,6 +165,14 @@ pub struct MetricsConfig {
     /// Adds `keygate_account_requests_total{account=...}`: one series per account and outcome,
     /// so off by default (cardinality grows with the number of accounts).
     pub per_account_labels: bool,
+}
+
+/// `[gateways]`: what a paired gateway's key may do.
+#[derive(Clone, Debug, Default)]
+pub struct GatewaysConfig {
+    /// The scopes every gateway key carries, set at pairing and re-pairing. Empty: pairing is
+    /// refused, since a key that grants nothing only looks like it works.
+    pub scopes: Scopes,
 }
 
 /// One `[[routes]]` entry.

@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     verification: RawVerification,
     log: RawLog,
     metrics: RawMetrics,
+    gateways: RawGateways,
     routes: Vec<RawRoute>,
 }
 
@@ -29,6 +30,7 @@ pub(super) struct RawConfig {
 const SECTIONS: &[&str] = &[
     "verification",
     "last_used",
+    "gateways",
     "database",
     "hashing",
     "metrics",
@@ -216,6 +218,12 @@ impl Default for RawLog {
 #[serde(deny_unknown_fields, default)]
 struct RawMetrics {
     per_account_labels: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawGateways {
+    scopes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -451,6 +459,9 @@ impl RawConfig {
             .map_err(|e| ConfigError::new("log.filter", e.to_string()))?;
 
         let routes = validate_routes(&self.routes)?;
+        let gateways = GatewaysConfig {
+            scopes: gateway_scopes(&self.gateways.scopes, &routes)?,
+        };
         Ok(Config {
             proxy,
             admin,
@@ -462,6 +473,7 @@ impl RawConfig {
             metrics: MetricsConfig {
                 per_account_labels: self.metrics.per_account_labels,
             },
+            gateways,
             routes,
         })
     }
@@ -506,6 +518,24 @@ fn socket_addr(path: &str, s: &str) -> Result<SocketAddr, ConfigError> {
             format!("`{s}` is not an IP:port address, e.g. 127.0.0.1:8080"),
         )
     })
+}
+
+/// Gateway scopes must be scopes, and (when routes exist) ones some route requires, so a typo
+/// cannot pair gateways with a key that is silently narrower than intended.
+fn gateway_scopes(raw: &[String], routes: &[RouteConfig]) -> Result<Scopes, ConfigError> {
+    let mut scopes = Vec::with_capacity(raw.len());
+    for (i, s) in raw.iter().enumerate() {
+        let at = format!("gateways.scopes[{i}]");
+        let scope = Scope::new(s).map_err(|m| ConfigError::new(&at, m))?;
+        if !routes.is_empty() && !routes.iter().any(|r| r.scope == scope) {
+            return Err(ConfigError::new(
+                at,
+                format!("no configured route requires scope `{s}`"),
+            ));
+        }
+        scopes.push(scope);
+    }
+    Ok(Scopes::new(scopes))
 }
 
 fn validate_routes(raw: &[RawRoute]) -> Result<Vec<RouteConfig>, ConfigError> {

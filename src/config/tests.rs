@@ -223,3 +223,33 @@ fn listener_tls_needs_both_files_and_bad_limits_name_their_setting() {
     let tls = ok.proxy.tls.expect("tls");
     assert_eq!(tls.watch_interval, Duration::from_secs(5));
 }
+
+#[test]
+fn gateway_scopes_are_scopes_some_route_requires() {
+    let route =
+        "[[routes]]\nname=\"a\"\npath_prefix=\"/a\"\nupstream=\"http://h:1\"\nscope=\"a:read\"\n";
+    assert!(
+        Config::default().gateways.scopes.is_empty(),
+        "none by default"
+    );
+    let ok = parse(&format!(
+        "[gateways]\nscopes = [\"a:read\", \"a:read\"]\n{route}"
+    ))
+    .expect("valid");
+    assert_eq!(ok.gateways.scopes.joined(), "a:read");
+    let err = parse(&format!(
+        "[gateways]\nscopes = [\"a:read\", \"b:write\"]\n{route}"
+    ))
+    .expect_err("unrouted");
+    assert_eq!(err.path, "gateways.scopes[1]");
+    assert!(err.message.contains("b:write"), "{err}");
+    let err = parse("[gateways]\nscopes = [\"no spaces\"]\n").expect_err("not a scope");
+    assert_eq!(err.path, "gateways.scopes[0]");
+    assert_eq!(
+        parse("[gateways]\nscope = []\n").expect_err("unknown").path,
+        "gateways.scope"
+    );
+    let env = parse_env("", &[("KEYGATE_GATEWAYS_SCOPES", "[\"x:read\"]")])
+        .expect("from the environment");
+    assert_eq!(env.gateways.scopes.joined(), "x:read");
+}

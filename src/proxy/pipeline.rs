@@ -21,7 +21,7 @@ use super::route::{Route, Router};
 use super::upstream::{self, Dedicated, SendError, UpstreamClient};
 use super::ProxyState;
 use crate::audit::ProxiedRequest;
-use crate::keys::{self, KeyEntry, KeyKind, KeyPrefix, KeyState, VerifyError};
+use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
 use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 
 /// The client connection a request arrived on, and the upstream side serving it.
@@ -316,9 +316,11 @@ async fn forward(
         .usage
         .record_from(&grant.entry, now_ms, Some(conn.peer.ip()));
     // Only audited requests pay for copying the path.
-    let audited = (grant.entry.id.kind == KeyKind::ServiceAccount
-        && grant.route.audit.covers(&parts.method))
-    .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
+    let audited = grant
+        .route
+        .audit
+        .covers(&parts.method)
+        .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
     let request = Request::from_parts(
         parts,
         IdleTimeout::new(DataOnly::new(body), state.idle_timeout),

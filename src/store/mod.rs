@@ -80,7 +80,9 @@ macro_rules! insert_audit {
 // After the macros above, which it uses.
 mod admin;
 mod fleet;
+mod gateways;
 pub use admin::{AuditFilter, AuditRecord, GatewayKey, NewSession, SessionRecord, User};
+pub use gateways::{Gateway, Pairing};
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct Account {

@@ -12,19 +12,19 @@ fn bin() -> &'static str {
 }
 
 /// A configuration file in a temporary directory.
-struct ConfigFile {
+pub(crate) struct ConfigFile {
     _dir: tempfile::TempDir,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
-fn write_config(text: &str) -> ConfigFile {
+pub(crate) fn write_config(text: &str) -> ConfigFile {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("keygate.toml");
     std::fs::write(&path, text).expect("write config");
     ConfigFile { _dir: dir, path }
 }
 
-fn keygate(config: &Path, args: &[&str]) -> Output {
+pub(crate) fn keygate(config: &Path, args: &[&str]) -> Output {
     Command::new(bin())
         .arg("--config")
         .arg(config)
@@ -42,7 +42,7 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn ok(o: Output) -> String {
+pub(crate) fn ok(o: Output) -> String {
     assert!(
         o.status.success(),
         "command failed: {}{}",
@@ -53,7 +53,7 @@ fn ok(o: Output) -> String {
 }
 
 /// Asserts a command failed with exactly one `error:` line mentioning `needle`.
-fn fails_with(o: Output, needle: &str) {
+pub(crate) fn fails_with(o: Output, needle: &str) {
     assert!(
         !o.status.success(),
         "command unexpectedly succeeded: {}",

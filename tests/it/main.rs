@@ -7,6 +7,7 @@ mod admin_api;
 mod cli;
 mod console;
 mod fleet;
+mod gateways;
 mod hostile;
 mod limits;
 mod observability;
