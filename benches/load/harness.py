@@ -271,7 +271,16 @@ scope = "bench"
         text = "\n".join(lines) + "\n"
         print(text)
         if not args.quick:
-            Path(args.out).write_text(text)
+            # Replace only the load table; the other sections (micro-benchmarks, scenarios)
+            # are written by hand from their own commands.
+            begin, end = "<!-- load:begin -->\n", "<!-- load:end -->\n"
+            out = Path(args.out)
+            old = out.read_text() if out.exists() else ""
+            if begin in old and end in old:
+                text = old[: old.index(begin)] + begin + text + end + old[old.index(end) + len(end):]
+            else:
+                text = begin + text + end + old
+            out.write_text(text)
             print(f"written to {args.out}", file=sys.stderr)
     finally:
         for p in procs:
