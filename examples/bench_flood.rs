@@ -173,15 +173,7 @@ async fn flood(
 /// A well-formed key with `prefix` and a wrong secret: the checksum is public, so this is what
 /// an attacker can send.
 fn forge(prefix: &str, t: u64, i: u64) -> String {
-    let body = format!("{prefix}_{t:0>8}{i:0>24}");
-    let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut n = crc32fast::hash(body.as_bytes());
-    let mut sum = [b'0'; 6];
-    for slot in sum.iter_mut().rev() {
-        *slot = alphabet[(n % 62) as usize];
-        n /= 62;
-    }
-    format!("{body}{}", std::str::from_utf8(&sum).expect("ascii"))
+    keygate::keys::with_checksum(&format!("{prefix}_{t:0>8}{i:0>24}"))
 }
 
 async fn start_upstream() -> std::io::Result<std::net::SocketAddr> {

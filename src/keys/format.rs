@@ -215,6 +215,16 @@ fn fill_base62(out: &mut [u8]) {
     }
 }
 
+/// `body` (prefix, `_`, secret) with its checksum appended. The checksum is public by design,
+/// so anyone can build a well-formed key; tests and benches use this to play that attacker.
+pub fn with_checksum(body: &str) -> String {
+    let sum = checksum(body.as_bytes());
+    let mut key = String::with_capacity(body.len() + CHECKSUM_LEN);
+    key.push_str(body);
+    key.extend(sum.iter().map(|&c| c as char));
+    key
+}
+
 fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
     let mut n = crc32fast::hash(body);
     let mut out = [b'0'; CHECKSUM_LEN];

@@ -9,7 +9,8 @@ mod throttle;
 mod verify;
 
 pub use format::{
-    generate, parse, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey, KEY_LEN, PREFIX_LEN,
+    generate, parse, with_checksum, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey,
+    KEY_LEN, PREFIX_LEN,
 };
 pub use hash::{hash_key, hasher, verify_hash};
 pub use scope::{Scope, Scopes};

@@ -321,15 +321,6 @@ mod tests {
 
     /// Builds a well-formed key (valid checksum) from a prefix and a secret.
     fn forge(prefix: &str, secret: &str) -> String {
-        // The checksum is public (CRC32 of the rest), so an attacker can compute it too.
-        let body = format!("{prefix}_{secret}");
-        let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        let mut n = crc32fast::hash(body.as_bytes());
-        let mut sum = [b'0'; 6];
-        for slot in sum.iter_mut().rev() {
-            *slot = alphabet[(n % 62) as usize];
-            n /= 62;
-        }
-        format!("{body}{}", std::str::from_utf8(&sum).expect("ascii"))
+        crate::keys::with_checksum(&format!("{prefix}_{secret}"))
     }
 }

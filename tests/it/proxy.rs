@@ -377,15 +377,7 @@ both_engines! {
 
 /// A well-formed key with the given prefix and secret (the checksum is public).
 pub fn forge(prefix: &str, secret: &str) -> String {
-    let body = format!("{prefix}_{secret}");
-    let alphabet = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut n = crc32fast::hash(body.as_bytes());
-    let mut sum = [b'0'; 6];
-    for slot in sum.iter_mut().rev() {
-        *slot = alphabet[(n % 62) as usize];
-        n /= 62;
-    }
-    format!("{body}{}", std::str::from_utf8(&sum).expect("ascii"))
+    keygate::keys::with_checksum(&format!("{prefix}_{secret}"))
 }
 
 both_engines! {
