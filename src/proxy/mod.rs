@@ -122,7 +122,9 @@ impl ProxyState {
 
     /// Replaces the routes; requests already routed keep the table they started with.
     pub fn replace_routes(&self, routes: &[RouteConfig]) {
-        self.router.store(Arc::new(Router::new(routes)));
+        // Metric handles were made for the routes at start: keep each route on its own.
+        self.router
+            .store(Arc::new(Router::new(routes).indexed_by(&self.routes)));
     }
 }
 

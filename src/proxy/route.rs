@@ -26,6 +26,19 @@ pub struct Router {
 }
 
 impl Router {
+    /// Re-points each route's metrics `index` at its position in `names`, the routes the
+    /// metrics were built for at start. A route added since gets an index past the end, which
+    /// the metrics count as unrouted rather than under another route's name.
+    pub fn indexed_by(mut self, names: &[RouteConfig]) -> Router {
+        for route in &mut self.routes {
+            route.index = names
+                .iter()
+                .position(|n| n.name == route.name)
+                .unwrap_or(usize::MAX);
+        }
+        self
+    }
+
     pub fn new(config: &[RouteConfig]) -> Router {
         let mut routes: Vec<Route> = config
             .iter()
@@ -133,6 +146,21 @@ mod tests {
             name(&r, Method::DELETE, "/recordings/42").as_deref(),
             Some("root")
         );
+    }
+
+    #[test]
+    fn reloaded_routes_keep_their_metric_slots_by_name() {
+        let start = Config::from_toml(ROUTES, "test", std::iter::empty())
+            .expect("valid")
+            .routes;
+        let mut reloaded = start.clone();
+        reloaded.reverse();
+        reloaded[0].name = "brand-new".into();
+        let r = Router::new(&reloaded).indexed_by(&start);
+        let index = |name: &str| r.routes.iter().find(|x| x.name == name).map(|x| x.index);
+        assert_eq!(index("root"), Some(0));
+        assert_eq!(index("rec-write"), Some(2));
+        assert_eq!(index("brand-new"), Some(usize::MAX));
     }
 
     #[test]
