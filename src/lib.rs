@@ -38,6 +38,7 @@ pub mod manage;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod shard;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

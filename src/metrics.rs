@@ -16,6 +16,7 @@ use prometheus::{
 
 use crate::clock::Clock;
 use crate::keys::{KeyTable, Verifier};
+use crate::shard;
 use crate::usage::Usage;
 
 /// The `route` label of requests refused before a route was chosen. Parentheses cannot occur
@@ -121,10 +122,12 @@ pub struct Metrics {
     /// outcome slot), so counting never hashes label values.
     request_slots: Vec<OnceLock<IntCounter>>,
     account_requests: Option<IntCounterVec>,
-    auth_duration: Histogram,
-    upstream_duration: Vec<Histogram>,
+    /// The request path's histograms and gauge live in per-thread shards (`shard.rs`), added
+    /// up at scrape by the `Sharded` collector.
+    auth_duration: Arc<shard::Histogram>,
+    upstream_duration: Vec<Arc<shard::Histogram>>,
     upstream_errors: Vec<[IntCounter; 3]>,
-    in_flight: IntGauge,
+    in_flight: Arc<shard::Gauge>,
     argon2_duration: Histogram,
     pub sync: SyncMetrics,
     pub last_used: QueueMetrics,
@@ -172,28 +175,41 @@ impl Metrics {
             None
         };
 
-        let auth_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "keygate_auth_duration_seconds",
-                "Time keygate spent deciding a request (checks, route, key, verification, scope), upstream excluded.",
-            )
-            .buckets(AUTH_BUCKETS.to_vec()),
-        )?;
-        reg(Box::new(auth_duration.clone()))?;
-
-        let upstream = HistogramVec::new(
-            HistogramOpts::new(
-                "keygate_upstream_duration_seconds",
-                "Time from sending a request upstream to receiving its response head, by route.",
-            )
-            .buckets(UPSTREAM_BUCKETS.to_vec()),
-            &["route"],
-        )?;
-        reg(Box::new(upstream.clone()))?;
-        let upstream_duration = routes
+        let auth_duration = Arc::new(shard::Histogram::new(AUTH_BUCKETS));
+        let upstream_duration: Vec<_> = routes
             .iter()
-            .map(|r| upstream.with_label_values(&[r.as_str()]))
+            .map(|_| Arc::new(shard::Histogram::new(UPSTREAM_BUCKETS)))
             .collect();
+        let in_flight = Arc::new(shard::Gauge::default());
+        reg(Box::new(Sharded {
+            auth: (
+                Desc::new(
+                    "keygate_auth_duration_seconds".into(),
+                    "Time keygate spent deciding a request (checks, route, key, verification, scope), upstream excluded.".into(),
+                    vec![],
+                    Default::default(),
+                )?,
+                auth_duration.clone(),
+            ),
+            upstream: (
+                Desc::new(
+                    "keygate_upstream_duration_seconds".into(),
+                    "Time from sending a request upstream to receiving its response head, by route.".into(),
+                    vec!["route".into()],
+                    Default::default(),
+                )?,
+                routes.iter().cloned().zip(upstream_duration.iter().cloned()).collect(),
+            ),
+            in_flight: (
+                Desc::new(
+                    "keygate_requests_in_flight".into(),
+                    "Proxy requests between arrival and their response head.".into(),
+                    vec![],
+                    Default::default(),
+                )?,
+                in_flight.clone(),
+            ),
+        }))?;
 
         let errors = IntCounterVec::new(
             Opts::new(
@@ -210,12 +226,6 @@ impl Metrics {
                     .map(|kind| errors.with_label_values(&[r.as_str(), kind]))
             })
             .collect();
-
-        let in_flight = IntGauge::new(
-            "keygate_requests_in_flight",
-            "Proxy requests between arrival and their response head.",
-        )?;
-        reg(Box::new(in_flight.clone()))?;
 
         let argon2_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -369,12 +379,12 @@ impl Metrics {
     }
 
     pub fn observe_auth(&self, elapsed: Duration) {
-        self.auth_duration.observe(elapsed.as_secs_f64());
+        self.auth_duration.observe(elapsed);
     }
 
     pub fn observe_upstream(&self, route: usize, elapsed: Duration) {
         if let Some(h) = self.upstream_duration.get(route) {
-            h.observe(elapsed.as_secs_f64());
+            h.observe(elapsed);
         }
     }
 
@@ -393,7 +403,7 @@ impl Metrics {
 
     /// Marks a request in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight<'_> {
-        self.in_flight.inc();
+        self.in_flight.add(1);
         InFlight(&self.in_flight)
     }
 
@@ -407,11 +417,11 @@ impl Metrics {
 }
 
 /// Decrements the in-flight gauge on drop, however the request ends.
-pub struct InFlight<'m>(&'m IntGauge);
+pub struct InFlight<'m>(&'m shard::Gauge);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.add(-1);
     }
 }
 
@@ -525,7 +535,10 @@ impl Pulled {
             counter(
                 "keygate_verification_cache_hits_total",
                 "Key verifications answered from the cache of earlier successes (no argon2).",
-                stat(|v| &v.stats.cache_hits),
+                {
+                    let v = verifier.clone();
+                    Box::new(move || v.stats.cache_hits.get() as f64)
+                },
             )?,
             counter(
                 "keygate_verification_cache_misses_total",
@@ -649,6 +662,74 @@ impl Collector for Pulled {
                 family
             })
             .collect()
+    }
+}
+
+/// The request path's sharded histograms and in-flight gauge, added up at scrape.
+struct Sharded {
+    auth: (Desc, Arc<shard::Histogram>),
+    /// One series per route (label `route`).
+    upstream: (Desc, Vec<(String, Arc<shard::Histogram>)>),
+    in_flight: (Desc, Arc<shard::Gauge>),
+}
+
+impl Collector for Sharded {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.auth.0, &self.upstream.0, &self.in_flight.0]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let histogram = |labels: Vec<LabelPair>, h: &shard::Histogram| {
+            let s = h.snapshot();
+            let mut p = proto::Histogram::default();
+            p.set_sample_count(s.count);
+            p.set_sample_sum(s.sum_seconds);
+            p.set_bucket(
+                s.buckets
+                    .into_iter()
+                    .map(|(bound, cumulative)| {
+                        let mut b = proto::Bucket::default();
+                        b.set_upper_bound(bound);
+                        b.set_cumulative_count(cumulative);
+                        b
+                    })
+                    .collect(),
+            );
+            let mut m = proto::Metric::from_label(labels);
+            m.set_histogram(p);
+            m
+        };
+        let family = |desc: &Desc, kind: MetricType, metrics: Vec<proto::Metric>| {
+            let mut f = MetricFamily::default();
+            f.set_name(desc.fq_name.clone());
+            f.set_help(desc.help.clone());
+            f.set_field_type(kind);
+            f.set_metric(metrics);
+            f
+        };
+        let mut in_flight = proto::Gauge::default();
+        in_flight.set_value(self.in_flight.1.get() as f64);
+        vec![
+            family(
+                &self.auth.0,
+                MetricType::HISTOGRAM,
+                vec![histogram(vec![], &self.auth.1)],
+            ),
+            family(
+                &self.upstream.0,
+                MetricType::HISTOGRAM,
+                self.upstream
+                    .1
+                    .iter()
+                    .map(|(route, h)| histogram(labels(&[("route", route)]), h))
+                    .collect(),
+            ),
+            family(
+                &self.in_flight.0,
+                MetricType::GAUGE,
+                vec![proto::Metric::from_gauge(in_flight)],
+            ),
+        ]
     }
 }
 
@@ -811,7 +892,7 @@ mod tests {
         );
         assert_eq!(sample(&m.render(), "keygate_table_loaded"), Some(0.0));
         table.mark_synced(clock.now_ms() - 3_000);
-        verifier.stats.cache_hits.fetch_add(7, Ordering::Relaxed);
+        verifier.stats.cache_hits.add(7);
         m.audit_depth.set(5);
         let text = m.render();
         assert_eq!(sample(&text, "keygate_table_loaded"), Some(1.0));

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use http::HeaderValue;
 
@@ -80,6 +80,10 @@ pub struct KeyEntry {
     last_used_ms: AtomicI64,
     /// Set while a stamp for this key waits in the usage queue, so each key is queued once.
     stamp_pending: AtomicBool,
+    /// The verifier's digest of the secret that verified against this entry's hash, once one
+    /// has: the warm path compares against it instead of consulting the shared cache. Dies
+    /// with the entry, which any change to the row replaces.
+    verified: OnceLock<Box<[u8; 32]>>,
 }
 
 impl KeyEntry {
@@ -126,6 +130,7 @@ impl KeyEntry {
             last_client: Mutex::new(None),
             last_used_ms: AtomicI64::new(row.last_used_at.unwrap_or(0)),
             stamp_pending: AtomicBool::new(false),
+            verified: OnceLock::new(),
         })
     }
 
@@ -142,6 +147,17 @@ impl KeyEntry {
 
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The digest of the secret known to match this entry, if one has been verified.
+    pub fn verified_digest(&self) -> Option<&[u8; 32]> {
+        self.verified.get().map(|d| &**d)
+    }
+
+    /// Remembers `digest` as the verified secret's (the first one wins; only one secret can
+    /// match a hash).
+    pub fn remember_verified(&self, digest: [u8; 32]) {
+        let _ = self.verified.set(Box::new(digest));
     }
 
     /// Records a use at `now_ms`. Returns true when the key must be queued for a stamp (it was

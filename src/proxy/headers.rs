@@ -38,18 +38,19 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
 /// `Expect` is handled here too: keygate answers it itself by reading the body only after
-/// the key is accepted.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "expect",
+/// the key is accepted. Names, not strings: removing by `&str` would parse the name again on
+/// every request.
+static HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::EXPECT,
 ];
 
 /// Finds the key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. An Authorization
@@ -130,6 +131,11 @@ pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>) {
 
 /// Removes hop-by-hop headers and those nominated by `Connection` (requests and responses).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // A request or response carries a handful of headers: one scan of them is cheaper than
+    // ten lookups, and most carry no hop-by-hop header at all.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let nominated: Vec<HeaderName> = conn
             .to_str()
@@ -141,17 +147,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(&name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
-/// What keygate adds to an allowed request.
+/// What keygate adds to an allowed request. Values that do not change per request (the
+/// client address per connection, the upstream host per route, the identity per key) are
+/// built once by their owners and cloned here, which only bumps a reference count.
 pub struct Forwarding<'a> {
-    pub client_ip: IpAddr,
+    /// The client address, as `X-Forwarded-For` carries it.
+    pub client_ip: &'a HeaderValue,
     pub proto: &'static str,
     pub original_host: Option<HeaderValue>,
-    pub upstream_host: &'a str,
+    pub upstream_host: &'a HeaderValue,
     pub identity: &'a [HeaderValue; 3],
     pub request_id: &'a HeaderValue,
 }
@@ -161,28 +170,19 @@ pub fn set_forwarding(headers: &mut HeaderMap, f: Forwarding<'_>) {
     headers.insert(&X_KEYGATE_ACCOUNT, f.identity[0].clone());
     headers.insert(&X_KEYGATE_KEY_PREFIX, f.identity[1].clone());
     headers.insert(&X_KEYGATE_SCOPES, f.identity[2].clone());
-    let mut ip = [0u8; 40];
-    let ip = format_ip(f.client_ip, &mut ip);
-    if let Ok(v) = HeaderValue::from_str(ip) {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
+    headers.insert(&X_FORWARDED_FOR, f.client_ip.clone());
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
     if let Some(host) = f.original_host {
         headers.insert(&X_FORWARDED_HOST, host);
     }
-    if let Ok(host) = HeaderValue::from_str(f.upstream_host) {
-        headers.insert(header::HOST, host);
-    }
+    headers.insert(header::HOST, f.upstream_host.clone());
     headers.insert(&X_REQUEST_ID, f.request_id.clone());
 }
 
-fn format_ip(ip: IpAddr, buf: &mut [u8; 40]) -> &str {
-    use std::io::Write;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    // An IPv6 address is at most 39 characters.
-    let _ = write!(cursor, "{}", ip.to_canonical());
-    let n = cursor.position() as usize;
-    std::str::from_utf8(&buf[..n]).unwrap_or("")
+/// `X-Forwarded-For`'s value for a client address (an IPv4-mapped IPv6 address as IPv4).
+pub fn client_ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 #[cfg(test)]
@@ -309,10 +309,10 @@ mod tests {
         set_forwarding(
             &mut h,
             Forwarding {
-                client_ip: "::ffff:127.0.0.1".parse().expect("ip"),
+                client_ip: &client_ip_value("::ffff:127.0.0.1".parse().expect("ip")),
                 proto: "http",
                 original_host: Some(HeaderValue::from_static("api.example")),
-                upstream_host: "127.0.0.1:9000",
+                upstream_host: &HeaderValue::from_static("127.0.0.1:9000"),
                 identity: &identity,
                 request_id: &rid,
             },

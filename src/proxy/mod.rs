@@ -26,7 +26,7 @@ mod route;
 mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -252,7 +252,7 @@ async fn worker(
     mode: Mode,
 ) {
     let client = match UpstreamClient::new(&state.routes, state.upstream_timeout) {
-        Ok(client) => Arc::new(client),
+        Ok(client) => client,
         Err(e) => {
             // `ProxyState::new` built the same pools already; only a file changed since fails.
             tracing::error!(error = %e, "a proxy worker cannot build its upstream pools");
@@ -279,6 +279,13 @@ async fn worker(
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // What a request clones: this worker's own handle, so the reference count it bumps is
+    // never shared with another thread (the shared state's would bounce between cores).
+    let local = Arc::new(Worker {
+        router: Mutex::new(Worker::copy_router(&state)),
+        state: state.clone(),
+        client,
+    });
 
     loop {
         let (stream, peer, permit) = tokio::select! {
@@ -291,23 +298,17 @@ async fn worker(
         let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
             continue;
         };
-        let (state, client, builder) = (state.clone(), client.clone(), builder.clone());
+        let (local, builder) = (local.clone(), builder.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            match state.tls.clone() {
-                None => {
-                    serve_connection(&builder, stream, state, client, peer, false, watcher, mode)
-                        .await
-                }
+            match local.state.tls.clone() {
+                None => serve_connection(&builder, stream, local, peer, false, watcher, mode).await,
                 Some(acceptor) => {
-                    let handshake = state.limits.tls_handshake_timeout;
+                    let handshake = local.state.limits.tls_handshake_timeout;
                     match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve_connection(
-                                &builder, tls, state, client, peer, true, watcher, mode,
-                            )
-                            .await
+                            serve_connection(&builder, tls, local, peer, true, watcher, mode).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
@@ -333,14 +334,41 @@ async fn worker(
     }
 }
 
+/// One proxy worker's view: the shared state, its own upstream pools, and its own copy of
+/// the routes.
+pub(crate) struct Worker {
+    state: Arc<ProxyState>,
+    client: UpstreamClient,
+    /// The shared router this copy was made from (held, so its address cannot be reused by a
+    /// later one) and the copy. Requests hold the copy, whose reference count only this
+    /// worker's thread touches.
+    router: Mutex<(Arc<Router>, Arc<Router>)>,
+}
+
+impl Worker {
+    fn copy_router(state: &ProxyState) -> (Arc<Router>, Arc<Router>) {
+        let shared = state.router.load_full();
+        let copy = Arc::new(Router::clone(&shared));
+        (shared, copy)
+    }
+
+    /// The current routes: this worker's copy, remade after a reload swapped them.
+    pub(crate) fn router(&self) -> Arc<Router> {
+        let current = self.state.router.load();
+        let mut copy = self.router.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&copy.0, &current) {
+            *copy = Worker::copy_router(&self.state);
+        }
+        copy.1.clone()
+    }
+}
+
 /// Serves one client connection. Its own upstream connection (HTTP/1 clients) is driven by
 /// this same task.
-#[allow(clippy::too_many_arguments)]
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    state: Arc<ProxyState>,
-    client: Arc<UpstreamClient>,
+    local: Arc<Worker>,
     peer: SocketAddr,
     tls: bool,
     watcher: Watcher,
@@ -350,19 +378,23 @@ async fn serve_connection<I>(
 {
     let own = Arc::new(Dedicated::default());
     let service_own = own.clone();
+    let peer_ip = headers::client_ip_value(peer.ip());
     let service = service_fn(move |req| {
-        let (state, client, own) = (state.clone(), client.clone(), service_own.clone());
+        let (local, own, peer_ip) = (local.clone(), service_own.clone(), peer_ip.clone());
         async move {
+            let state = &local.state;
             let conn = Conn {
-                client: &client,
+                client: &local.client,
+                router: local.router(),
                 own: &own,
                 peer,
+                peer_ip,
                 tls,
             };
             let response = match mode {
-                Mode::Authenticate => pipeline::handle(&state, &conn, req).await,
+                Mode::Authenticate => pipeline::handle(state, &conn, req).await,
                 #[cfg(feature = "bench-passthrough")]
-                Mode::PassThrough => pipeline::passthrough(&state, &conn, req).await,
+                Mode::PassThrough => pipeline::passthrough(state, &conn, req).await,
             };
             Ok::<_, std::convert::Infallible>(response)
         }

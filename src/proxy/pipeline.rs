@@ -1,8 +1,7 @@
 //! The request pipeline, in the order the module notes list.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
@@ -27,9 +26,14 @@ use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 /// The client connection a request arrived on, and the upstream side serving it.
 pub(super) struct Conn<'a> {
     pub client: &'a UpstreamClient,
+    /// The routes for this request, loaded once as it arrives: a SIGHUP swap affects later
+    /// requests, never one half-way through.
+    pub router: Arc<Router>,
     /// This connection's own upstream connection (HTTP/1 clients).
     pub own: &'a Dedicated,
     pub peer: SocketAddr,
+    /// `peer`'s address as `X-Forwarded-For` carries it, built once per connection.
+    pub peer_ip: HeaderValue,
     /// Whether the client connection is TLS.
     pub tls: bool,
 }
@@ -42,11 +46,12 @@ struct Trail<'s> {
     entry: Option<Arc<KeyEntry>>,
 }
 
-/// An authorised request: where it goes and whose key carried it.
+/// An authorised request: where it goes, whose key carried it, and when it was decided.
 struct Grant<'s> {
     route: &'s Route,
     entry: Arc<KeyEntry>,
     source: KeySource,
+    now_ms: i64,
 }
 
 /// Runs one request through the pipeline. Never fails: every error is a response.
@@ -60,18 +65,20 @@ pub(super) async fn handle(
     let request_id = request_id(&req);
     let method = req.method().clone();
     let mut trail = Trail::default();
-    // One load per request: a SIGHUP swap affects later requests, never one half-way through.
-    let router = state.router.load_full();
+    let router = &conn.router;
 
-    let authorised = authorize(state, &router, conn.peer, &req, &mut trail).await;
-    let auth_time = started.elapsed();
+    let authorised = authorize(state, router, conn.peer, &req, &mut trail).await;
+    let authorised_at = Instant::now();
+    let auth_time = authorised_at - started;
     state.metrics.observe_auth(auth_time);
     let mut upstream_ms = 0;
     let (mut response, outcome, reason) = match authorised {
         Ok(grant) => {
-            let upstream_started = Instant::now();
-            let result = forward(state, conn, grant, req, &request_id).await;
-            upstream_ms = upstream_started.elapsed().as_millis() as u64;
+            let result = forward(state, conn, &grant, req, &request_id, authorised_at).await;
+            if state.access_log {
+                upstream_ms = authorised_at.elapsed().as_millis() as u64;
+            }
+            trail.entry = Some(grant.entry);
             match result {
                 Ok(response) => (response, Outcome::Allowed, "-"),
                 Err(rejection) => {
@@ -114,7 +121,7 @@ pub(super) async fn passthrough(
     conn: &Conn<'_>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    static ENTRY: OnceLock<Arc<KeyEntry>> = OnceLock::new();
+    static ENTRY: std::sync::OnceLock<Arc<KeyEntry>> = std::sync::OnceLock::new();
     let entry = ENTRY.get_or_init(|| {
         let row = keys::KeyRow {
             id: keys::KeyId {
@@ -134,7 +141,7 @@ pub(super) async fn passthrough(
         Arc::new(KeyEntry::from_row(row).expect("a valid bench entry"))
     });
     let request_id = request_id(&req);
-    let router = state.router.load_full();
+    let router = &conn.router;
     let Some(route) = router.find(req.method(), req.uri().path()) else {
         return Rejection::NoRoute.into_response();
     };
@@ -147,8 +154,9 @@ pub(super) async fn passthrough(
         route,
         entry: entry.clone(),
         source,
+        now_ms: state.clock.now_ms(),
     };
-    match forward(state, conn, grant, req, &request_id).await {
+    match forward(state, conn, &grant, req, &request_id, Instant::now()).await {
         Ok(mut response) => {
             response.headers_mut().insert(&X_REQUEST_ID, request_id);
             response
@@ -223,15 +231,15 @@ async fn authorize<'s>(
                 Rejection::Throttled(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
             }
         })?;
-    trail.entry = Some(entry.clone());
-
     if !entry.scopes.contains(&route.scope) {
+        trail.entry = Some(entry);
         return Err(Rejection::Forbidden(route.scope.clone()));
     }
     Ok(Grant {
         route,
         entry,
         source,
+        now_ms,
     })
 }
 
@@ -266,13 +274,14 @@ fn check_framing(req: &Request<Incoming>) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Steps 7–9 for an authorised request.
+/// Steps 7–9 for an authorised request; `sent` is when it leaves for the upstream.
 async fn forward(
     state: &ProxyState,
     conn: &Conn<'_>,
-    grant: Grant<'_>,
+    grant: &Grant<'_>,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    sent: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.get(HOST).cloned().or_else(|| {
@@ -287,10 +296,10 @@ async fn forward(
     set_forwarding(
         &mut parts.headers,
         Forwarding {
-            client_ip: conn.peer.ip(),
+            client_ip: &conn.peer_ip,
             proto: if conn.tls { "https" } else { "http" },
             original_host,
-            upstream_host: upstream.authority.as_str(),
+            upstream_host: &grant.route.upstream_host,
             identity: &grant.entry.identity,
             request_id,
         },
@@ -311,7 +320,7 @@ async fn forward(
     let dedicated = parts.version != Version::HTTP_2 && upstream.scheme == http::uri::Scheme::HTTP;
     parts.version = Version::HTTP_11;
 
-    let now_ms = state.clock.now_ms();
+    let now_ms = grant.now_ms;
     state
         .usage
         .record_from(&grant.entry, now_ms, Some(conn.peer.ip()));
@@ -325,7 +334,6 @@ async fn forward(
         parts,
         IdleTimeout::new(DataOnly::new(body), state.idle_timeout),
     );
-    let sent = Instant::now();
     let response = if dedicated {
         conn.client.send_dedicated(conn.own, request).await
     } else {
@@ -384,14 +392,20 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
             return v.clone();
         }
     }
-    static BASE: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let base = *BASE.get_or_init(|| {
-        let mut b = [0u8; 8];
-        let _ = getrandom::getrandom(&mut b);
-        u64::from_le_bytes(b)
+    // Random per thread, then counting: unique without a counter shared between workers.
+    thread_local! {
+        static NEXT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    let (base, n) = NEXT.with(|next| {
+        let (mut base, n) = next.get();
+        if base == 0 {
+            let mut b = [0u8; 8];
+            let _ = getrandom::getrandom(&mut b);
+            base = u64::from_le_bytes(b) | 1;
+        }
+        next.set((base, n.wrapping_add(1)));
+        (base, n)
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut buf = [0u8; 32];
     hex_into(&mut buf[..16], base);
     hex_into(&mut buf[16..], n);

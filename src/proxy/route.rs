@@ -7,7 +7,7 @@ use crate::config::{AuditMode, RouteConfig, Upstream};
 use crate::keys::Scope;
 
 /// One configured route.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Route {
     pub name: String,
     /// Position in the configuration file, for per-route metric handles.
@@ -15,12 +15,14 @@ pub struct Route {
     prefix: String,
     methods: Vec<Method>,
     pub upstream: Upstream,
+    /// The `Host` header sent upstream, built once.
+    pub upstream_host: http::HeaderValue,
     pub scope: Scope,
     pub audit: AuditMode,
 }
 
 /// Routes ordered longest prefix first.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Router {
     routes: Vec<Route>,
 }
@@ -49,6 +51,8 @@ impl Router {
                 prefix: r.path_prefix.clone(),
                 methods: r.methods.clone(),
                 upstream: r.upstream.clone(),
+                upstream_host: http::HeaderValue::from_str(r.upstream.authority.as_str())
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("")),
                 scope: r.scope.clone(),
                 audit: r.audit,
             })
