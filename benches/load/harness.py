@@ -2,23 +2,38 @@
 """keygate's load harness: keygate against its own pass-through build, the upstream direct, and
 nginx doing API-key auth with a key map, side by side in one run on this machine.
 
-Everything runs on loopback: a minimal hyper upstream, then each target in turn, driven by wrk
-(HTTP/1.1, keep-alive) at several connection counts, interleaved over rounds (A B C D, A B C D,
-...) so drift hits every target alike; medians are reported. Besides requests/s and latency
-percentiles it reads the CPU time the proxy process(es) spent from /proc, which varies far less
-than requests/s on a box the load generator shares.
+Everything runs on loopback: a minimal hyper upstream (HTTP/1.1 only), then each target in turn,
+interleaved over rounds (A B C D, A B C D, ...) so drift hits every target alike; medians are
+reported. Besides requests/s and latency it reads the CPU time the proxy process(es) spent from
+/proc, which varies far less than requests/s on a box the load generator shares. Groups:
 
-    python3 benches/load/harness.py            # full run, writes benches/RESULTS.md
-    python3 benches/load/harness.py --quick    # one round, short runs (smoke test)
+    h1      wrk (HTTP/1.1, keep-alive) at 1, 16, 64, 128 and 256 connections against the
+            upstream direct, the pass-through build, keygate with real keys and nginx with a
+            key map; the 401 path of keygate and nginx at 16 and 128
+    h2      h2load, cleartext HTTP/2 with prior knowledge (h2c), 16 and 64 connections with
+            10 streams each, against pass-through, keygate and nginx
+    tls     the same three with TLS on the listener, one self-signed ECDSA P-256 certificate
+            for all: wrk over https at 16 and 128 connections, h2load over TLS (ALPN h2) at
+            16 connections × 10 streams
+    upload  a 1 GiB upload streamed through a freshly started keygate (real key) to an upstream
+            that reads and discards it: throughput and keygate's peak resident memory (VmHWM)
+
+The upstream side stays HTTP/1.1 for every target. A full run takes about ten minutes.
+
+    python3 benches/load/harness.py                  # everything, writes benches/RESULTS.md
+    python3 benches/load/harness.py --quick          # one round, short runs (smoke test)
+    python3 benches/load/harness.py --only h2,tls    # a subset (printed, RESULTS.md untouched)
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -30,6 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+GROUPS = ("h1", "h2", "tls", "upload")
+PASS_THROUGH, KEYGATE, NGINX = "pass-through (keygate, no auth)", "keygate", "nginx + key map"
+UPLOAD_TARGET_MB = 64
 
 
 def free_port():
@@ -48,6 +66,17 @@ def wait_port(port, timeout=20.0):
     raise SystemExit(f"nothing listens on port {port} after {timeout}s")
 
 
+def wait_ready(admin_port):
+    wait_port(admin_port)
+    for _ in range(200):
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz").status == 200:
+                return
+        except Exception:
+            time.sleep(0.05)
+    raise SystemExit(f"keygate on admin port {admin_port} never became ready")
+
+
 def cpu_ticks(pids):
     """utime+stime of the given processes and all their threads, in clock ticks."""
     total = 0
@@ -58,6 +87,14 @@ def cpu_ticks(pids):
         except (FileNotFoundError, IndexError):
             pass
     return total
+
+
+def proc_status_kib(pid, field):
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise SystemExit(f"no {field} in /proc/{pid}/status")
 
 
 def children(pid):
@@ -84,8 +121,12 @@ def machine():
 
 
 class Target:
-    def __init__(self, name, port, pids_fn, headers):
+    def __init__(self, name, port, pids_fn, headers, scheme="http"):
         self.name, self.port, self.pids_fn, self.headers = name, port, pids_fn, headers
+        self.scheme = scheme
+
+    def url(self, path="/bench"):
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
 
 def run_wrk(target, conns, duration, lua):
@@ -93,7 +134,7 @@ def run_wrk(target, conns, duration, lua):
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", "-s", str(lua)]
     for h in target.headers:
         cmd += ["-H", h]
-    cmd.append(f"http://127.0.0.1:{target.port}/bench")
+    cmd.append(target.url())
     pids = target.pids_fn()
     before = cpu_ticks(pids)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -105,27 +146,195 @@ def run_wrk(target, conns, duration, lua):
     return r
 
 
+H2LOAD_TIME = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def h2load_ms(text):
+    """h2load's durations ("143us", "18.63ms", "1.02s") in milliseconds."""
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"unexpected h2load duration {text!r}")
+    return float(m.group(1)) * H2LOAD_TIME[m.group(2)]
+
+
+def run_h2load(target, conns, streams, duration=None, requests=None):
+    """One h2load run, timed (-D) or counted (-n). h2load speaks h2c with prior knowledge to an
+    http:// URL and negotiates h2 by ALPN for https://. It reports the mean, sd and max of the
+    request time, no percentiles."""
+    cmd = ["h2load", f"-c{conns}", f"-m{streams}", f"-t{min(2, conns)}"]
+    cmd += [f"-D{duration}"] if duration else [f"-n{requests}"]
+    for h in target.headers:
+        name, value = h.split(":", 1)
+        cmd += ["-H", f"{name.lower()}:{value}"]
+    cmd.append(target.url())
+    pids = target.pids_fn()
+    before = cpu_ticks(pids)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    after = cpu_ticks(pids)
+    r = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("finished in"):
+            r["rps"] = float(re.search(r"([\d.]+) req/s", line).group(1))
+        elif line.startswith("requests:"):
+            for count, what in re.findall(r"(\d+) (\w+)", line):
+                r[what] = int(count)
+        elif line.startswith("status codes:"):
+            for count, what in re.findall(r"(\d+) (\dxx)", line):
+                r[what] = int(count)
+        elif line.startswith("time for request:"):
+            lo, hi, mean, sd = line.split(":", 1)[1].split()[:4]
+            r["mean"], r["sd"], r["max"] = h2load_ms(mean), h2load_ms(sd), h2load_ms(hi)
+    if "rps" not in r or "done" not in r or "mean" not in r:
+        raise SystemExit(f"cannot read h2load's output:\n{out}")
+    r["requests"] = r["done"]
+    r["errors"] = r.get("failed", 0) + r.get("errored", 0) + r.get("timeout", 0)
+    r["non2xx"] = r["done"] - r.get("2xx", 0)
+    r["cpu_us_per_req"] = ((after - before) / CLK_TCK * 1e6 / r["requests"]) if pids and r["requests"] else None
+    return r
+
+
+def tls_session(port):
+    """Protocol, cipher and ALPN an OpenSSL client (Python's) negotiates with the listener."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            return f"{s.version()} {s.cipher()[0]}, ALPN {s.selected_alpn_protocol()}"
+
+
+def upload(port, size, headers):
+    """POSTs `size` zero bytes to /discard with a Content-Length, streamed in 1 MiB writes, and
+    reads the answer: (status, body, seconds from the first byte sent to the last received)."""
+    head = f"POST /discard HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {size}\r\n"
+    head += "Content-Type: application/octet-stream\r\nConnection: close\r\n"
+    head += "".join(f"{h}\r\n" for h in headers) + "\r\n"
+    chunk = memoryview(bytes(1 << 20))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        started = time.perf_counter()
+        s.sendall(head.encode())
+        sent = 0
+        while sent < size:
+            n = min(len(chunk), size - sent)
+            s.sendall(chunk[:n])
+            sent += n
+        answer = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+        elapsed = time.perf_counter() - started
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    body = answer.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in answer else b""
+    return status, body, elapsed
+
+
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
+def fmt_cpu(v):
+    return f"{v:.1f}" if v is not None else "—"
+
+
+def wrk_rows(results, conns_list, targets):
+    """Medians per (target, conns) and the markdown rows of the HTTP/1.1-style table."""
+    summary, lines = {}, []
+    for conns in conns_list:
+        for t in targets:
+            runs = results.get((t.name, conns))
+            if not runs:
+                continue
+            row = {
+                "rps": med([r["rps"] for r in runs]),
+                "p50": med([r["p50"] for r in runs]) / 1000,
+                "p99": med([r["p99"] for r in runs]) / 1000,
+                "p999": med([r["p999"] for r in runs]) / 1000,
+                "cpu": med([r["cpu_us_per_req"] for r in runs]),
+                "errors": sum(r["errors"] for r in runs),
+            }
+            summary[(t.name, conns)] = row
+            lines.append(f"| {conns} | {t.name} | {row['rps']:,.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
+                         f"{row['p999']:.2f} | {fmt_cpu(row['cpu'])} | {row['errors']} |")
+    return summary, lines
+
+
+def h2_table(results, settings, targets, key_prefix):
+    """The HTTP/2 table (medians of req/s, mean, sd; max over all rounds) and its ratios."""
+    lines = [
+        "| conns × streams | target | req/s | mean ms | sd ms | max ms | CPU µs/req | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    summary = {}
+    for c, m in settings:
+        for t in targets:
+            runs = results.get((key_prefix, t.name, c, m))
+            if not runs:
+                continue
+            row = {
+                "rps": med([r["rps"] for r in runs]),
+                "mean": med([r["mean"] for r in runs]),
+                "sd": med([r["sd"] for r in runs]),
+                "max": max(r["max"] for r in runs),
+                "cpu": med([r["cpu_us_per_req"] for r in runs]),
+                "errors": sum(r["errors"] + r["non2xx"] for r in runs),
+            }
+            summary[(t.name, c, m)] = row
+            lines.append(f"| {c} × {m} | {t.name} | {row['rps']:,.0f} | {row['mean']:.2f} | {row['sd']:.2f} | "
+                         f"{row['max']:.2f} | {fmt_cpu(row['cpu'])} | {row['errors']} |")
+    lines += ["", "Ratios (same run):", "",
+              "| conns × streams | keygate / pass-through req/s | keygate − pass-through CPU µs/req | keygate / nginx req/s | keygate / nginx CPU | keygate mean / nginx mean |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for c, m in settings:
+        kg, pt, ng = (summary.get((n, c, m)) for n in (KEYGATE, PASS_THROUGH, NGINX))
+        if kg and pt and ng:
+            lines.append(f"| {c} × {m} | {kg['rps'] / pt['rps']:.3f} | {kg['cpu'] - pt['cpu']:+.2f} | "
+                         f"{kg['rps'] / ng['rps']:.3f} | {kg['cpu'] / ng['cpu']:.3f} | {kg['mean'] / ng['mean']:.3f} |")
+    return lines
+
+
+def parse_settings(text):
+    """"16x10,64x10" → [(16, 10), (64, 10)]: connections × concurrent streams per connection."""
+    return [tuple(int(n) for n in s.split("x")) for s in text.split(",") if s]
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    started = time.time()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=int, default=4)
-    ap.add_argument("--conns", default="1,16,64,128,256")
+    ap.add_argument("--duration", type=int, default=4, help="seconds per wrk/h2load run")
+    ap.add_argument("--conns", default="1,16,64,128,256", help="HTTP/1.1 connection counts")
+    ap.add_argument("--h2", default="16x10,64x10", help="HTTP/2 connections x streams")
+    ap.add_argument("--tls-conns", default="16,128", help="HTTP/1.1-over-TLS connection counts")
+    ap.add_argument("--tls-h2", default="16x10", help="HTTP/2-over-TLS connections x streams ('' for none)")
+    ap.add_argument("--upload-mib", type=int, default=1024)
     ap.add_argument("--keys", type=int, default=10000)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benches" / "RESULTS.md"))
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.conns, args.keys = 1, 2, "16", 200
-    conns_list = [int(c) for c in args.conns.split(",")]
-    for tool in ["wrk", "nginx"]:
-        if not shutil.which(tool) and not Path("/usr/sbin/nginx").exists():
-            raise SystemExit(f"{tool} is required: apt-get install -y wrk nginx")
+        args.h2, args.tls_conns = "16x10", "16"
+    groups = [g for g in args.only.split(",") if g]
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}")
+    conns_list = [int(c) for c in args.conns.split(",")] if "h1" in groups else []
+    h2_settings = parse_settings(args.h2) if "h2" in groups else []
+    tls_conns = [int(c) for c in args.tls_conns.split(",") if c] if "tls" in groups else []
+    tls_h2 = parse_settings(args.tls_h2) if "tls" in groups else []
+    needs_nginx = bool(conns_list or h2_settings or tls_conns or tls_h2)
+    for tool, wanted in [("wrk", conns_list or tls_conns), ("h2load", h2_settings or tls_h2),
+                         ("openssl", tls_conns or tls_h2 or needs_nginx)]:
+        if wanted and not shutil.which(tool):
+            raise SystemExit(f"{tool} is required: apt-get install -y wrk nghttp2-client nginx openssl")
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+    if needs_nginx and not Path(nginx_bin).exists():
+        raise SystemExit("nginx is required: apt-get install -y nginx")
 
     print("building release binaries ...", file=sys.stderr)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "keygate",
@@ -137,10 +346,55 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
     procs = []
 
-    def spawn(cmd, **kw):
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"{Path(cmd[0]).name}.log", "ab"), **kw)
+    def spawn(cmd, log=None):
+        log = log or Path(cmd[0]).name
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"{log}.log", "ab"))
         procs.append(p)
         return p
+
+    def stop(p):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        procs.remove(p)
+
+    cert, cert_key = work / "cert.pem", work / "key.pem"
+
+    def start_keygate(name, tls=False):
+        """keygate with the seeded database and one route to the upstream; (process, port)."""
+        port, admin = free_port(), free_port()
+        config = work / f"{name}.toml"
+        tls_section = f'[proxy.tls]\ncert_file = "{cert}"\nkey_file = "{cert_key}"\n' if tls else ""
+        config.write_text(f"""
+[proxy]
+listen = "127.0.0.1:{port}"
+{tls_section}[admin]
+listen = "127.0.0.1:{admin}"
+[database]
+url = "{db}"
+[log]
+filter = "warn"
+access_log = false
+[[routes]]
+name = "bench"
+path_prefix = "/"
+upstream = "http://127.0.0.1:{up_port}"
+scope = "bench"
+""")
+        p = spawn([str(release / "keygate"), "--config", str(config), "serve"], log=name)
+        wait_ready(admin)
+        return p, port
+
+    def start_passthrough(tls=False):
+        port = free_port()
+        extra = [str(cert), str(cert_key)] if tls else []
+        p = spawn([str(release / "examples" / "bench_passthrough"), f"127.0.0.1:{port}",
+                   f"http://127.0.0.1:{up_port}"] + extra, log="bench_passthrough" + ("-tls" if tls else ""))
+        wait_port(port)
+        return p, port
 
     try:
         up_port = free_port()
@@ -153,125 +407,198 @@ def main():
         subprocess.run([str(release / "examples" / "bench_seed"), db, str(args.keys), str(keys_file)], check=True)
         keys = keys_file.read_text().split()
         key = keys[len(keys) // 2]
-
-        kg_port, kg_admin = free_port(), free_port()
-        config = work / "keygate.toml"
-        config.write_text(f"""
-[proxy]
-listen = "127.0.0.1:{kg_port}"
-[admin]
-listen = "127.0.0.1:{kg_admin}"
-[database]
-url = "{db}"
-[log]
-filter = "warn"
-access_log = false
-[[routes]]
-name = "bench"
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up_port}"
-scope = "bench"
-""")
-        keygate = spawn([str(release / "keygate"), "--config", str(config), "serve"])
-        wait_port(kg_admin)
-        for _ in range(200):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{kg_admin}/readyz").status == 200:
-                    break
-            except Exception:
-                time.sleep(0.05)
-
-        pt_port = free_port()
-        passthrough = spawn([str(release / "examples" / "bench_passthrough"), f"127.0.0.1:{pt_port}",
-                             f"http://127.0.0.1:{up_port}"])
-        wait_port(pt_port)
-
-        ng_port = free_port()
-        key_map = "\n".join(f'        "{k}" "bench";' for k in keys)
-        (work / "nginx.conf").write_text(
-            (HERE / "nginx.conf.in").read_text()
-            .replace("@WORK@", str(work)).replace("@PORT@", str(ng_port))
-            .replace("@UPSTREAM@", f"127.0.0.1:{up_port}").replace("@KEYS@", key_map))
-        nginx = spawn([nginx_bin, "-c", str(work / "nginx.conf"), "-p", str(work), "-g", "daemon off;"])
-        wait_port(ng_port)
-
         key_header = f"X-Api-Key: {key}"
         bad_key = key[:9] + ("A" if key[9] != "A" else "B") + key[10:]
-        targets = [
-            Target("upstream direct", up_port, lambda: [], []),
-            Target("pass-through (keygate, no auth)", pt_port, lambda: [passthrough.pid], [key_header]),
-            Target("keygate", kg_port, lambda: [keygate.pid], [key_header]),
-            Target("nginx + key map", ng_port, lambda: [nginx.pid] + children(nginx.pid), [key_header]),
-        ]
-        rejects = [
-            Target("keygate 401 (bad key)", kg_port, lambda: [keygate.pid], [f"X-Api-Key: {bad_key}"]),
-            Target("nginx 401 (bad key)", ng_port, lambda: [nginx.pid] + children(nginx.pid), [f"X-Api-Key: {bad_key}"]),
-        ]
+        nginx_pids = lambda: [nginx.pid] + children(nginx.pid)  # noqa: E731
+
+        if needs_nginx:
+            # One certificate and key for every TLS listener, so the comparison is of the servers.
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-keyout", str(cert_key), "-out", str(cert), "-days", "2",
+                            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                           check=True, capture_output=True)
+            ng_port, ng_h2c_port, ng_tls_port = free_port(), free_port(), free_port()
+            key_map = "\n".join(f'        "{k}" "bench";' for k in keys)
+            (work / "nginx.conf").write_text(
+                (HERE / "nginx.conf.in").read_text()
+                .replace("@WORK@", str(work)).replace("@PORT@", str(ng_port))
+                .replace("@H2C_PORT@", str(ng_h2c_port)).replace("@TLS_PORT@", str(ng_tls_port))
+                .replace("@CERT@", str(cert)).replace("@KEY@", str(cert_key))
+                .replace("@UPSTREAM@", f"127.0.0.1:{up_port}").replace("@KEYS@", key_map))
+            nginx = spawn([nginx_bin, "-c", str(work / "nginx.conf"), "-p", str(work), "-g", "daemon off;"])
+            for port in (ng_port, ng_h2c_port, ng_tls_port):
+                wait_port(port)
+
         lua = HERE / "report.lua"
+        targets, rejects, h2_targets, tls_targets = [], [], [], []
+        if conns_list or h2_settings:
+            keygate, kg_port = start_keygate("keygate")
+            passthrough, pt_port = start_passthrough()
+            targets = [
+                Target("upstream direct", up_port, lambda: [], []),
+                Target(PASS_THROUGH, pt_port, lambda: [passthrough.pid], [key_header]),
+                Target(KEYGATE, kg_port, lambda: [keygate.pid], [key_header]),
+                Target(NGINX, ng_port, nginx_pids, [key_header]),
+            ]
+            rejects = [
+                Target("keygate 401 (bad key)", kg_port, lambda: [keygate.pid], [f"X-Api-Key: {bad_key}"]),
+                Target("nginx 401 (bad key)", ng_port, nginx_pids, [f"X-Api-Key: {bad_key}"]),
+            ]
+            # nginx's `http2` listen parameter without `ssl` serves only h2c: its own port.
+            h2_targets = [
+                Target(PASS_THROUGH, pt_port, lambda: [passthrough.pid], [key_header]),
+                Target(KEYGATE, kg_port, lambda: [keygate.pid], [key_header]),
+                Target(NGINX, ng_h2c_port, nginx_pids, [key_header]),
+            ]
+        tls_sessions = {}
+        if tls_conns or tls_h2:
+            keygate_tls, kg_tls_port = start_keygate("keygate-tls", tls=True)
+            passthrough_tls, pt_tls_port = start_passthrough(tls=True)
+            tls_targets = [
+                Target(PASS_THROUGH, pt_tls_port, lambda: [passthrough_tls.pid], [key_header], "https"),
+                Target(KEYGATE, kg_tls_port, lambda: [keygate_tls.pid], [key_header], "https"),
+                Target(NGINX, ng_tls_port, nginx_pids, [key_header], "https"),
+            ]
+            tls_sessions = {t.name: tls_session(t.port) for t in tls_targets}
 
         # Sanity: every target answers as expected before measuring.
-        for t in targets:
+        for t in (targets if conns_list else []) + (tls_targets if tls_conns else []):
             r = run_wrk(t, 1, 1, lua)
-            assert r["non2xx"] == 0 and r["errors"] == 0, f"{t.name} is not answering 200: {r}"
+            assert r["non2xx"] == 0 and r["errors"] == 0, f"{t.name} ({t.scheme}) is not answering 200: {r}"
+        for t in (h2_targets if h2_settings else []) + (tls_targets if tls_h2 else []):
+            r = run_h2load(t, 1, 1, requests=200)
+            assert r.get("2xx") == 200 and r["errors"] == 0, f"{t.name} ({t.scheme}) is not answering 200 over h2: {r}"
 
         results = {}
         for rnd in range(args.rounds):
+            tag = f"round {rnd + 1}/{args.rounds}"
             for conns in conns_list:
                 for t in targets + (rejects if conns in (16, 128) else []):
-                    print(f"round {rnd + 1}/{args.rounds}  {conns:>3} conns  {t.name}", file=sys.stderr)
+                    print(f"{tag}  h1 {conns:>3} conns  {t.name}", file=sys.stderr)
                     results.setdefault((t.name, conns), []).append(run_wrk(t, conns, args.duration, lua))
+            for c, m in h2_settings:
+                for t in h2_targets:
+                    print(f"{tag}  h2c {c}×{m}  {t.name}", file=sys.stderr)
+                    results.setdefault(("h2", t.name, c, m), []).append(run_h2load(t, c, m, duration=args.duration))
+            for conns in tls_conns:
+                for t in tls_targets:
+                    print(f"{tag}  https h1 {conns:>3} conns  {t.name}", file=sys.stderr)
+                    results.setdefault(("tls", t.name, conns), []).append(run_wrk(t, conns, args.duration, lua))
+            for c, m in tls_h2:
+                for t in tls_targets:
+                    print(f"{tag}  https h2 {c}×{m}  {t.name}", file=sys.stderr)
+                    results.setdefault(("tls-h2", t.name, c, m), []).append(run_h2load(t, c, m, duration=args.duration))
+
+        upload_rows = None
+        if "upload" in groups:
+            upload_rows = measure_upload(args, up_port, key_header, start_keygate, stop)
 
         lines = [
             "# keygate load results",
             "",
             f"Machine: {machine()}. Loopback; load generator, proxies and upstream share the box.",
-            f"wrk -t2 (-t1 at 1 connection), keep-alive, {args.duration}s per run, {args.rounds} interleaved "
-            f"rounds, medians. keygate: release build, SQLite, {args.keys} keys in the table, access log off. "
-            f"nginx: 2 workers, a {args.keys}-key `map`, upstream keepalive, access log off. "
-            "CPU µs/req: user+system time of the proxy process(es) per request, from /proc.",
-            "",
-            "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
-        summary = {}
-        for conns in conns_list:
-            for t in targets + rejects:
-                runs = results.get((t.name, conns))
-                if not runs:
-                    continue
-                row = {
-                    "rps": med([r["rps"] for r in runs]),
-                    "p50": med([r["p50"] for r in runs]) / 1000,
-                    "p99": med([r["p99"] for r in runs]) / 1000,
-                    "p999": med([r["p999"] for r in runs]) / 1000,
-                    "cpu": med([r["cpu_us_per_req"] for r in runs]),
-                    "errors": sum(r["errors"] for r in runs),
-                }
-                summary[(t.name, conns)] = row
-                cpu = f"{row['cpu']:.1f}" if row["cpu"] is not None else "—"
-                lines.append(f"| {conns} | {t.name} | {row['rps']:,.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
-                             f"{row['p999']:.2f} | {cpu} | {row['errors']} |")
-        lines += ["", "Ratios (same run):", "",
-                  "| conns | keygate / pass-through req/s | keygate − pass-through CPU µs/req | keygate / nginx req/s | keygate / nginx CPU | keygate p99 / nginx p99 |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        for conns in conns_list:
-            kg = summary.get(("keygate", conns))
-            pt = summary.get(("pass-through (keygate, no auth)", conns))
-            ng = summary.get(("nginx + key map", conns))
-            if kg and pt and ng:
-                lines.append(f"| {conns} | {kg['rps'] / pt['rps']:.3f} | {kg['cpu'] - pt['cpu']:+.2f} | "
-                             f"{kg['rps'] / ng['rps']:.3f} | {kg['cpu'] / ng['cpu']:.3f} | {kg['p99'] / ng['p99']:.3f} |")
-        for conns in (16, 128):
-            rej = summary.get(("keygate 401 (bad key)", conns))
-            up = summary.get(("upstream direct", conns))
-            if rej and up:
-                lines.append("")
-                lines.append(f"401 path at {conns} conns: keygate rejects at {rej['rps']:,.0f} req/s, "
-                             f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate.")
+        if conns_list:
+            lines += [
+                f"wrk -t2 (-t1 at 1 connection), keep-alive, {args.duration}s per run, {args.rounds} interleaved "
+                f"rounds, medians. keygate: release build, SQLite, {args.keys} keys in the table, access log off. "
+                f"nginx: 2 workers, a {args.keys}-key `map`, upstream keepalive, access log off. "
+                "CPU µs/req: user+system time of the proxy process(es) per request, from /proc.",
+                "",
+                "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            summary, rows = wrk_rows(results, conns_list, targets + rejects)
+            lines += rows
+            lines += ["", "Ratios (same run):", "",
+                      "| conns | keygate / pass-through req/s | keygate − pass-through CPU µs/req | keygate / nginx req/s | keygate / nginx CPU | keygate p99 / nginx p99 |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            for conns in conns_list:
+                kg = summary.get((KEYGATE, conns))
+                pt = summary.get((PASS_THROUGH, conns))
+                ng = summary.get((NGINX, conns))
+                if kg and pt and ng:
+                    lines.append(f"| {conns} | {kg['rps'] / pt['rps']:.3f} | {kg['cpu'] - pt['cpu']:+.2f} | "
+                                 f"{kg['rps'] / ng['rps']:.3f} | {kg['cpu'] / ng['cpu']:.3f} | {kg['p99'] / ng['p99']:.3f} |")
+            for conns in (16, 128):
+                rej = summary.get(("keygate 401 (bad key)", conns))
+                up = summary.get(("upstream direct", conns))
+                if rej and up:
+                    lines.append("")
+                    lines.append(f"401 path at {conns} conns: keygate rejects at {rej['rps']:,.0f} req/s, "
+                                 f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate.")
+        else:
+            summary = {}
+        if h2_settings:
+            lines += [
+                "",
+                "## HTTP/2, cleartext (h2c, prior knowledge)",
+                "",
+                f"h2load -t2, C connections × M concurrent streams each, {args.duration}s per run (-D), in the same "
+                f"interleaved rounds; medians of req/s, mean and sd, max is the largest of all rounds. h2load reports "
+                "the mean, sd and max of the request time, no percentiles. The upstream stays HTTP/1.1: keygate "
+                "forwards HTTP/2 clients' requests through its shared per-worker upstream pool (HTTP/1 clients get "
+                "an upstream connection of their own), nginx through its `keepalive` pool; nginx serves h2c on a "
+                "`listen ... http2` port of its own, on a second server with `keepalive_requests` raised to "
+                "1,000,000 (at the default 1,000 nginx ends each h2 connection with GOAWAY after 1,000 requests "
+                "and h2load does not reconnect; keygate sets no such limit; the plain HTTP/1.1 server above keeps "
+                "the default). No upstream-direct row: the upstream speaks HTTP/1.1 only. "
+                "errors: failed, errored, timed-out and non-2xx responses.",
+                "",
+            ]
+            lines += h2_table(results, h2_settings, h2_targets, "h2")
+        if tls_conns or tls_h2:
+            sessions = sorted(set(tls_sessions.values()))
+            negotiated = (f"all three: {sessions[0]}" if len(sessions) == 1 else
+                          "; ".join(f"{n}: {s}" for n, s in tls_sessions.items()))
+            lines += [
+                "",
+                "## TLS on the listener",
+                "",
+                "One self-signed ECDSA P-256 certificate and key (openssl, per run) for all three; the upstream "
+                f"side is plain HTTP/1.1. Negotiated with an OpenSSL client (Python's `ssl`), {negotiated}. keygate: "
+                "`[proxy.tls]` (rustls, ring); pass-through: the same example given the same certificate; nginx: "
+                "`listen ... ssl http2` on the second server (2 workers, `ssl_protocols TLSv1.2 TLSv1.3`, "
+                "`ssl_session_cache shared:SSL:10m`, keep-alive, `keepalive_requests` 1,000,000). Clients connect "
+                "once per run, so these are steady-state costs of the record layer, not of handshakes.",
+            ]
+            if tls_conns:
+                lines += [
+                    "",
+                    f"HTTP/1.1 over TLS, wrk as above ({args.duration}s per run, same rounds, medians):",
+                    "",
+                    "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
+                    "|---:|---|---:|---:|---:|---:|---:|---:|",
+                ]
+                tls_results = {(k[1], k[2]): runs for k, runs in results.items() if k[0] == "tls"}
+                tls_summary, rows = wrk_rows(tls_results, tls_conns, tls_targets)
+                lines += rows
+                lines += ["", "Ratios (same run); TLS cost: CPU µs/req over TLS minus the same target's plain HTTP/1.1 "
+                          "figure at the same connection count:", "",
+                          "| conns | keygate / pass-through req/s | keygate − pass-through CPU µs/req | keygate / nginx req/s | keygate / nginx CPU | keygate p99 / nginx p99 | keygate TLS cost µs/req | nginx TLS cost µs/req |",
+                          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                for conns in tls_conns:
+                    kg, pt, ng = (tls_summary.get((n, conns)) for n in (KEYGATE, PASS_THROUGH, NGINX))
+                    if not (kg and pt and ng):
+                        continue
+                    kg_plain, ng_plain = summary.get((KEYGATE, conns)), summary.get((NGINX, conns))
+                    kg_cost = f"{kg['cpu'] - kg_plain['cpu']:+.2f}" if kg_plain else "—"
+                    ng_cost = f"{ng['cpu'] - ng_plain['cpu']:+.2f}" if ng_plain else "—"
+                    lines.append(f"| {conns} | {kg['rps'] / pt['rps']:.3f} | {kg['cpu'] - pt['cpu']:+.2f} | "
+                                 f"{kg['rps'] / ng['rps']:.3f} | {kg['cpu'] / ng['cpu']:.3f} | {kg['p99'] / ng['p99']:.3f} | "
+                                 f"{kg_cost} | {ng_cost} |")
+            if tls_h2:
+                lines += ["", "HTTP/2 over TLS (ALPN h2), h2load as above:", ""]
+                lines += h2_table(results, tls_h2, tls_targets, "tls-h2")
+        if upload_rows:
+            lines += ["", "## Streamed upload", ""] + upload_rows
         text = "\n".join(lines) + "\n"
         print(text)
-        if not args.quick:
-            # Replace only the load table; the other sections (micro-benchmarks, scenarios)
+        if args.quick or set(groups) != set(GROUPS):
+            print(f"not written to {args.out}: only a full run of every group replaces its load section",
+                  file=sys.stderr)
+        else:
+            # Replace only the load section; the other sections (micro-benchmarks, scenarios)
             # are written by hand from their own commands.
             begin, end = "<!-- load:begin -->\n", "<!-- load:end -->\n"
             out = Path(args.out)
@@ -282,6 +609,7 @@ scope = "bench"
                 text = begin + text + end + old
             out.write_text(text)
             print(f"written to {args.out}", file=sys.stderr)
+        print(f"harness finished in {time.time() - started:.0f}s", file=sys.stderr)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -291,6 +619,50 @@ scope = "bench"
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_upload(args, up_port, key_header, start_keygate, stop):
+    """The upload group: the upstream direct for reference, then a keygate started for this
+    alone, so its VmHWM (which cannot be reset) is the peak of its start plus one upload."""
+    size = args.upload_mib << 20
+    print(f"upload {args.upload_mib} MiB  upstream direct", file=sys.stderr)
+    status, body, direct_s = upload(up_port, size, [])
+    assert status == 200 and body == str(size).encode(), f"upstream direct upload: {status} {body[:200]!r}"
+
+    keygate, port = start_keygate("keygate-upload")
+    # One small request first: the key's cold verification and the upstream connection.
+    status, body, _ = upload(port, 1, [key_header])
+    assert status == 200 and body == b"1", f"keygate warm-up upload: {status} {body[:200]!r}"
+    rss_before = proc_status_kib(keygate.pid, "VmRSS")
+    hwm_before = proc_status_kib(keygate.pid, "VmHWM")
+    ticks = cpu_ticks([keygate.pid])
+    print(f"upload {args.upload_mib} MiB  keygate", file=sys.stderr)
+    status, body, kg_s = upload(port, size, [key_header])
+    cpu_s = (cpu_ticks([keygate.pid]) - ticks) / CLK_TCK
+    hwm = proc_status_kib(keygate.pid, "VmHWM")
+    rss_after = proc_status_kib(keygate.pid, "VmRSS")
+    stop(keygate)
+    assert status == 200 and body == str(size).encode(), f"keygate upload: {status} {body[:200]!r}"
+
+    mib = size / (1 << 20)
+    peak_mb = hwm * 1024 / 1e6
+    verdict = "met" if peak_mb < UPLOAD_TARGET_MB else "**missed**"
+    return [
+        f"One {args.upload_mib} MiB POST (Content-Length, written in 1 MiB pieces by a Python socket client) "
+        f"to an upstream path that reads the body to its end and discards it; the upstream answers with the "
+        f"byte count, checked. keygate: a fresh process (same database, {args.keys} keys), one 1-byte request "
+        f"first to warm the key and the upstream connection, then the upload. Peak RSS: VmHWM from "
+        f"/proc/PID/status, which covers the start (key table load) as well. One run.",
+        "",
+        "| through | seconds | MiB/s | proxy CPU s | RSS before | peak RSS (VmHWM) | RSS after |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| upstream direct | {direct_s:.2f} | {mib / direct_s:,.0f} | — | — | — | — |",
+        f"| keygate (real key) | {kg_s:.2f} | {mib / kg_s:,.0f} | {cpu_s:.2f} | {rss_before / 1024:.1f} MiB | "
+        f"{hwm / 1024:.1f} MiB | {rss_after / 1024:.1f} MiB |",
+        "",
+        f"keygate's peak resident memory: {peak_mb:.1f} MB (target < {UPLOAD_TARGET_MB} MB: {verdict}); "
+        f"{hwm_before / 1024:.1f} MiB peak before the upload.",
+    ]
 
 
 if __name__ == "__main__":
