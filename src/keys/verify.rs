@@ -281,6 +281,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_entry_remembers_only_the_secret_that_verified_and_a_new_entry_asks_the_cache() {
+        let v = Verifier::new(&cfg(8));
+        let key = generate(KeyKind::ServiceAccount);
+        let entry = entry_for(key.expose());
+        let parsed = parse(key.expose()).expect("parses");
+        assert!(entry.verified_digest().is_none());
+        assert_eq!(
+            v.verify(&entry, &parsed, CLIENT).await,
+            Ok(Verified::Computed)
+        );
+        assert!(entry.verified_digest().is_some());
+        // A forged secret under the same prefix is not the remembered one: refused.
+        let other = generate(KeyKind::ServiceAccount);
+        let forged = forge(&key.expose()[..8], &other.expose()[9..41]);
+        let forged = parse(&forged).expect("forged key is well-formed");
+        assert_eq!(
+            v.verify(&entry, &forged, CLIENT).await,
+            Err(VerifyError::Mismatch)
+        );
+        // A row change builds a new entry without the memo: the shared cache answers it.
+        let replaced = entry_for(key.expose());
+        assert_eq!(
+            v.verify(&replaced, &parsed, CLIENT).await,
+            Ok(Verified::Cached)
+        );
+        assert!(replaced.verified_digest().is_some());
+        assert_eq!(v.stats.argon2_runs.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
     async fn concurrent_requests_for_one_new_key_share_one_argon2_run() {
         let v = Arc::new(Verifier::new(&cfg(64)));
         let key = generate(KeyKind::ServiceAccount);
