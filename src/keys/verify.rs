@@ -113,7 +113,7 @@ impl Verifier {
         client: IpAddr,
     ) -> Result<Verified, VerifyError> {
         let digest = *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes();
-        if self.verified.get(&digest).await == Some(entry.id) {
+        if self.verified.get(&digest).await == Some(entry.id()) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Verified::Cached);
         }
@@ -133,8 +133,8 @@ impl Verifier {
             return Err(VerifyError::Busy);
         };
 
-        let id = entry.id;
-        let hash = entry.hash().to_owned();
+        let id = entry.id();
+        let hash = entry.hash().into_owned();
         let secret = key.secret_text().to_owned();
         let workers = self.workers.clone();
         let stats = &self.stats;
@@ -224,7 +224,6 @@ mod tests {
             scopes: String::new(),
             expires_at: None,
             revoked_at: None,
-            last_used_at: None,
             updated_at: 1,
             owner_id: 1,
             owner_name: "a".into(),

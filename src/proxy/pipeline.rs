@@ -126,7 +126,6 @@ pub(super) async fn passthrough(
             scopes: "bench".into(),
             expires_at: None,
             revoked_at: None,
-            last_used_at: None,
             updated_at: 0,
             owner_id: 0,
             owner_name: "bench".into(),
@@ -225,7 +224,7 @@ async fn authorize<'s>(
         })?;
     trail.entry = Some(entry.clone());
 
-    if !entry.scopes.contains(&route.scope) {
+    if !entry.scopes().contains(&route.scope) {
         return Err(Rejection::Forbidden(route.scope.clone()));
     }
     Ok(Grant {
@@ -291,7 +290,7 @@ async fn forward(
             proto: if conn.tls { "https" } else { "http" },
             original_host,
             upstream_host: upstream.authority.as_str(),
-            identity: &grant.entry.identity,
+            identity: grant.entry.identity(),
             request_id,
         },
     );
@@ -360,7 +359,7 @@ async fn forward(
     }
     // Tell the caller when its key stops working while it is inside an expiry window; never
     // pass on an upstream's own value of the header.
-    match (&grant.entry.expires_header, grant.entry.expires_at) {
+    match (grant.entry.expires_header(), grant.entry.expires_at()) {
         (Some(value), Some(at)) if at > now_ms => {
             parts
                 .headers
