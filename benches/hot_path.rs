@@ -33,7 +33,6 @@ fn row(id: i64, prefix: &str, hash: String) -> KeyRow {
         scopes: "recordings:read tickets:write".into(),
         expires_at: Some(i64::MAX),
         revoked_at: None,
-        last_used_at: None,
         updated_at: id,
         owner_id: 1,
         owner_name: "billing".into(),
@@ -105,7 +104,7 @@ fn warm_key_path(c: &mut Criterion) {
     g.bench_function("scope_and_expiry_check", |b| {
         b.iter(|| {
             black_box(&entry).state(black_box(1_000)) == KeyState::Active
-                && entry.scopes.contains(black_box(&scope))
+                && entry.scopes().contains(black_box(&scope))
         })
     });
     g.bench_function("warm_key_total", |b| {
@@ -114,7 +113,7 @@ fn warm_key_path(c: &mut Criterion) {
             let entry = table.lookup(&parsed.prefix).expect("entry");
             let active = entry.state(1_000) == KeyState::Active;
             let ok = verifier.verify(&entry, &parsed, LOCAL).await.is_ok();
-            active && ok && entry.scopes.contains(&scope)
+            active && ok && entry.scopes().contains(&scope)
         })
     });
     g.bench_function("path_canonical_check", |b| {

@@ -15,7 +15,7 @@ use prometheus::IntGauge;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::keys::{KeyEntry, Owner};
+use crate::keys::{KeyEntry, KeyKind};
 use crate::metrics::QueueMetrics;
 use crate::store::{AuditEntry, Store, StoreError};
 
@@ -165,14 +165,14 @@ impl AuditQueue {
 
 fn entry(r: &ProxiedRequest) -> AuditEntry {
     let name = r.entry.owner.name();
-    let (actor_type, detail) = match r.entry.owner {
-        Owner::ServiceAccount { .. } => (
+    let (actor_type, detail) = match r.entry.owner.kind {
+        KeyKind::ServiceAccount => (
             "service_account",
             json!({ "account": name, "method": r.method.as_str(), "path": r.path, "status": r.status }),
         ),
-        Owner::Gateway { id, .. } => (
+        KeyKind::Gateway => (
             "gateway",
-            json!({ "gateway": name, "gateway_id": id, "method": r.method.as_str(), "path": r.path, "status": r.status }),
+            json!({ "gateway": name, "gateway_id": r.entry.owner.id, "method": r.method.as_str(), "path": r.path, "status": r.status }),
         ),
     };
     AuditEntry {
@@ -181,7 +181,7 @@ fn entry(r: &ProxiedRequest) -> AuditEntry {
         actor_id: Some(name.to_string()),
         action: "proxy.request".into(),
         key_prefix: Some(r.entry.prefix.to_string()),
-        scopes: Some(r.entry.scopes.joined()),
+        scopes: Some(r.entry.scopes().joined()),
         detail: detail.to_string(),
         client_addr: Some(r.client.to_string()),
     }
@@ -190,7 +190,7 @@ fn entry(r: &ProxiedRequest) -> AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{generate, KeyId, KeyKind, KeyRow};
+    use crate::keys::{generate, KeyId, KeyRow};
 
     fn record() -> ProxiedRequest {
         record_of(KeyKind::ServiceAccount)
@@ -204,7 +204,6 @@ mod tests {
             scopes: "a:write".into(),
             expires_at: None,
             revoked_at: None,
-            last_used_at: None,
             updated_at: 1,
             owner_id: 1,
             owner_name: "billing".into(),

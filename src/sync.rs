@@ -83,11 +83,12 @@ impl SyncStatus {
     }
 }
 
-/// Loads every key into `table`.
+/// Loads every key into `table`, building the new table from rows as they arrive; the old one
+/// serves until the last row is in.
 pub async fn load(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usize, StoreError> {
-    let rows = limited(store.table_rows(i64::MIN)).await?;
-    let n = rows.len();
-    table.replace_all(rows);
+    let mut load = table.begin_load();
+    limited(store.each_table_row(i64::MIN, |row| load.add(row))).await?;
+    let n = load.finish();
     table.mark_synced(clock.now_ms());
     Ok(n)
 }

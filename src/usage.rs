@@ -2,7 +2,7 @@
 //! and, at most once per flush, queues the entry; a background task writes the newest time per
 //! key in one statement per table every `last_used.flush_interval`, and once more at shutdown.
 //! The queue holds at most one slot per key, so it is bounded by the table's size. The same
-//! flush writes each key's last client address.
+//! statement writes each key's last client address.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::{KeyEntry, KeyKind};
 use crate::metrics::QueueMetrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, UseStamp};
 
 #[derive(Default)]
 pub struct Usage {
@@ -53,25 +53,20 @@ impl Usage {
         if batch.is_empty() {
             return Ok(0);
         }
-        let (mut keys, mut gateways, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut gateways) = (Vec::with_capacity(batch.len()), Vec::new());
         for entry in &batch {
-            let stamp = (entry.id.id, entry.take_stamp());
-            match entry.id.kind {
-                KeyKind::ServiceAccount => {
-                    keys.push(stamp);
-                    if let Some(ip) = entry.last_client() {
-                        addrs.push((entry.id.id, ip.to_string()));
-                    }
-                }
-                KeyKind::Gateway => gateways.push(stamp),
+            let at_ms = entry.take_stamp();
+            let key = entry.id();
+            match key.kind {
+                KeyKind::ServiceAccount => keys.push(UseStamp {
+                    id: key.id,
+                    at_ms,
+                    client: entry.last_client(),
+                }),
+                KeyKind::Gateway => gateways.push((key.id, at_ms)),
             }
         }
-        // Addresses first: whoever sees the new Last used also sees where it came from.
-        let written = match store.stamp_client_addrs(&addrs).await {
-            Ok(()) => store.stamp_last_used(&keys, &gateways).await,
-            Err(e) => Err(e),
-        };
-        match written {
+        match store.stamp_last_used(&keys, &gateways).await {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
                 let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);

@@ -1,8 +1,13 @@
-//! argon2id hashing of keys (and console passwords). Verification is slow by design (about
-//! 20 ms at OWASP settings), so callers run it on the blocking pool, never on the runtime.
+//! argon2id hashing of keys (and console passwords), and the compact form the key table holds
+//! hashes in. Verification is slow by design (about 20 ms at OWASP settings), so callers run it
+//! on the blocking pool, never on the runtime.
+
+use std::borrow::Cow;
+use std::fmt;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use base64ct::{Base64Unpadded, Encoding};
 
 use crate::config::HashingConfig;
 
@@ -41,6 +46,93 @@ pub fn verify_hash(phc: &str, secret: &str) -> bool {
     }
 }
 
+/// A stored hash as the key table holds it. A PHC string in the shape keygate writes
+/// (`$argon2id$v=19$m=M,t=T,p=P$SALT$OUTPUT` with a 16-byte salt and a 32-byte output: 97 bytes
+/// of text at the OWASP settings) is kept as its three numbers and raw bytes, 60 bytes with no
+/// allocation of its own, and rendered back into the identical text when argon2 runs, so
+/// verification sees exactly what the database holds. Anything else is kept as text.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoredHash {
+    Argon2id {
+        m: u32,
+        t: u32,
+        p: u32,
+        salt: [u8; 16],
+        output: [u8; 32],
+    },
+    Phc(Box<str>),
+}
+
+const ARGON2ID_V19: &str = "$argon2id$v=19$m=";
+
+impl StoredHash {
+    pub fn new(phc: &str) -> StoredHash {
+        StoredHash::compact(phc).unwrap_or_else(|| StoredHash::Phc(phc.into()))
+    }
+
+    /// The PHC string, byte for byte as stored.
+    pub fn phc(&self) -> Cow<'_, str> {
+        match self {
+            StoredHash::Phc(text) => Cow::Borrowed(text),
+            StoredHash::Argon2id {
+                m,
+                t,
+                p,
+                salt,
+                output,
+            } => {
+                let (mut s, mut o) = ([0u8; 22], [0u8; 43]);
+                // Both buffers are exactly the unpadded Base64 length of their input.
+                let salt = Base64Unpadded::encode(salt, &mut s).unwrap_or_default();
+                let output = Base64Unpadded::encode(output, &mut o).unwrap_or_default();
+                Cow::Owned(format!("{ARGON2ID_V19}{m},t={t},p={p}${salt}${output}"))
+            }
+        }
+    }
+
+    /// The compact form, only when rendering it gives back exactly `phc` (canonical decimals
+    /// and Base64, no other parameters), so that verification cannot differ.
+    fn compact(phc: &str) -> Option<StoredHash> {
+        let rest = phc.strip_prefix(ARGON2ID_V19)?;
+        let (m, rest) = rest.split_once(",t=")?;
+        let (t, rest) = rest.split_once(",p=")?;
+        let (p, rest) = rest.split_once('$')?;
+        let (salt_text, output_text) = rest.split_once('$')?;
+        let (mut salt, mut output) = ([0u8; 16], [0u8; 32]);
+        let canonical = |text: &str, bytes: &[u8], buf: &mut [u8]| {
+            Base64Unpadded::encode(bytes, buf).is_ok_and(|again| again == text)
+        };
+        let decoded = Base64Unpadded::decode(salt_text, &mut salt).ok()?.len() == 16
+            && Base64Unpadded::decode(output_text, &mut output).ok()?.len() == 32
+            && canonical(salt_text, &salt, &mut [0u8; 22])
+            && canonical(output_text, &output, &mut [0u8; 43]);
+        decoded.then_some(StoredHash::Argon2id {
+            m: decimal(m)?,
+            t: decimal(t)?,
+            p: decimal(p)?,
+            salt,
+            output,
+        })
+    }
+}
+
+impl fmt::Debug for StoredHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoredHash::Argon2id { m, t, p, .. } => write!(f, "Argon2id(m={m},t={t},p={p}, ..)"),
+            StoredHash::Phc(_) => f.write_str("Phc(..)"),
+        }
+    }
+}
+
+/// A `u32` written the one way `format!` writes it (no sign, no leading zero).
+fn decimal(s: &str) -> Option<u32> {
+    let canonical = !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s.len() == 1 || !s.starts_with('0'));
+    canonical.then(|| s.parse().ok()).flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +157,60 @@ mod tests {
     fn two_hashes_of_one_secret_differ_by_salt() {
         let argon = hasher(CHEAP).expect("valid params");
         assert_ne!(hash_key(&argon, "x"), hash_key(&argon, "x"));
+    }
+
+    #[test]
+    fn keygates_own_hashes_are_held_compactly_and_render_back_identically() {
+        let argon = hasher(CHEAP).expect("valid params");
+        for _ in 0..50 {
+            let phc = hash_key(&argon, "kgsAAAAA_secret");
+            let stored = StoredHash::new(&phc);
+            assert!(matches!(stored, StoredHash::Argon2id { .. }), "{phc}");
+            assert_eq!(stored.phc(), phc);
+            assert!(verify_hash(&stored.phc(), "kgsAAAAA_secret"));
+        }
+        let owasp = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$CTFhFdXPJO1aFaMaO6Mm5c8y7cJHAph8ArZWb2GRPPc";
+        assert!(matches!(
+            StoredHash::new(owasp),
+            StoredHash::Argon2id {
+                m: 19456,
+                t: 2,
+                p: 1,
+                ..
+            }
+        ));
+        assert_eq!(StoredHash::new(owasp).phc(), owasp);
+    }
+
+    #[test]
+    fn any_other_stored_text_is_kept_as_it_is() {
+        let salt = "c29tZXNhbHRzb21lc2FsdA";
+        let out = "CTFhFdXPJO1aFaMaO6Mm5c8y7cJHAph8ArZWb2GRPPc";
+        for phc in [
+            String::new(),
+            "not a hash".into(),
+            "$argon2id$placeholder".into(),
+            format!("$argon2i$v=19$m=19456,t=2,p=1${salt}${out}"),
+            format!("$argon2id$v=16$m=19456,t=2,p=1${salt}${out}"),
+            format!("$argon2id$m=19456,t=2,p=1${salt}${out}"),
+            format!("$argon2id$v=19$m=019456,t=2,p=1${salt}${out}"),
+            format!("$argon2id$v=19$m=+19456,t=2,p=1${salt}${out}"),
+            format!("$argon2id$v=19$m=99999999999,t=2,p=1${salt}${out}"),
+            format!("$argon2id$v=19$m=19456,t=2,p=1,keyid=AAAA${salt}${out}"),
+            format!("$argon2id$v=19$t=2,m=19456,p=1${salt}${out}"),
+            format!("$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ${out}"),
+            format!(
+                "$argon2id$v=19$m=19456,t=2,p=1${salt}$CTFhFdXPJO1aFaMaO6Mm5c8y7cJHAph8ArZWb2GRPP"
+            ),
+            format!("$argon2id$v=19$m=19456,t=2,p=1${salt}B${out}"),
+            format!("$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdB${out}"),
+            format!("$argon2id$v=19$m=19456,t=2,p=1${salt}${out}$"),
+            format!("$argon2id$v=19$m=19456,t=2,p=1${salt}=${out}"),
+        ] {
+            let stored = StoredHash::new(&phc);
+            assert!(matches!(stored, StoredHash::Phc(_)), "{phc}");
+            assert_eq!(stored.phc(), phc);
+        }
     }
 
     #[test]

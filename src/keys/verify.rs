@@ -120,7 +120,7 @@ impl Verifier {
             self.stats.cache_hits.inc();
             return Ok(Verified::Cached);
         }
-        if self.verified.get(&digest).await == Some(entry.id) {
+        if self.verified.get(&digest).await == Some(entry.id()) {
             self.stats.cache_hits.inc();
             entry.remember_verified(digest);
             return Ok(Verified::Cached);
@@ -141,8 +141,8 @@ impl Verifier {
             return Err(VerifyError::Busy);
         };
 
-        let id = entry.id;
-        let hash = entry.hash().to_owned();
+        let id = entry.id();
+        let hash = entry.hash().into_owned();
         let secret = key.secret_text().to_owned();
         let workers = self.workers.clone();
         let stats = &self.stats;
@@ -235,7 +235,6 @@ mod tests {
             scopes: String::new(),
             expires_at: None,
             revoked_at: None,
-            last_used_at: None,
             updated_at: 1,
             owner_id: 1,
             owner_name: "a".into(),

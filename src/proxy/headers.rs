@@ -161,7 +161,7 @@ pub struct Forwarding<'a> {
     pub proto: &'static str,
     pub original_host: Option<HeaderValue>,
     pub upstream_host: &'a HeaderValue,
-    pub identity: &'a [HeaderValue; 3],
+    pub identity: [&'a HeaderValue; 3],
     pub request_id: &'a HeaderValue,
 }
 
@@ -301,9 +301,9 @@ mod tests {
     fn forwarding_headers_are_set_after_stripping() {
         let mut h = HeaderMap::new();
         let identity = [
-            HeaderValue::from_static("billing"),
-            HeaderValue::from_static("kgsAAAAA"),
-            HeaderValue::from_static("a b"),
+            &HeaderValue::from_static("billing"),
+            &HeaderValue::from_static("kgsAAAAA"),
+            &HeaderValue::from_static("a b"),
         ];
         let rid = HeaderValue::from_static("r1");
         set_forwarding(
@@ -313,7 +313,7 @@ mod tests {
                 proto: "http",
                 original_host: Some(HeaderValue::from_static("api.example")),
                 upstream_host: &HeaderValue::from_static("127.0.0.1:9000"),
-                identity: &identity,
+                identity,
                 request_id: &rid,
             },
         );

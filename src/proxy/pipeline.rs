@@ -133,7 +133,6 @@ pub(super) async fn passthrough(
             scopes: "bench".into(),
             expires_at: None,
             revoked_at: None,
-            last_used_at: None,
             updated_at: 0,
             owner_id: 0,
             owner_name: "bench".into(),
@@ -231,7 +230,7 @@ async fn authorize<'s>(
                 Rejection::Throttled(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
             }
         })?;
-    if !entry.scopes.contains(&route.scope) {
+    if !entry.scopes().contains(&route.scope) {
         trail.entry = Some(entry);
         return Err(Rejection::Forbidden(route.scope.clone()));
     }
@@ -300,7 +299,7 @@ async fn forward(
             proto: if conn.tls { "https" } else { "http" },
             original_host,
             upstream_host: &grant.route.upstream_host,
-            identity: &grant.entry.identity,
+            identity: grant.entry.identity(),
             request_id,
         },
     );
@@ -368,7 +367,7 @@ async fn forward(
     }
     // Tell the caller when its key stops working while it is inside an expiry window; never
     // pass on an upstream's own value of the header.
-    match (&grant.entry.expires_header, grant.entry.expires_at) {
+    match (grant.entry.expires_header(), grant.entry.expires_at()) {
         (Some(value), Some(at)) if at > now_ms => {
             parts
                 .headers

@@ -301,43 +301,6 @@ impl Store {
         .await)?)
     }
 
-    // ---- usage ------------------------------------------------------------------------
-
-    /// Writes each key's last client address, one statement for the batch (with the
-    /// last-used flush).
-    pub async fn stamp_client_addrs(&self, addrs: &[(i64, String)]) -> Result<(), StoreError> {
-        if addrs.is_empty() {
-            return Ok(());
-        }
-        match self {
-            Store::Postgres(pool) => {
-                let (ids, values): (Vec<i64>, Vec<String>) = addrs.iter().cloned().unzip();
-                sqlx::query(
-                    "UPDATE api_keys AS t SET last_client_addr = v.addr
-                       FROM unnest($1::BIGINT[], $2::TEXT[]) AS v(id, addr)
-                      WHERE t.id = v.id",
-                )
-                .bind(ids)
-                .bind(values)
-                .execute(pool)
-                .await?;
-            }
-            Store::Sqlite(pool) => {
-                let json = serde_json::to_string(addrs).unwrap_or_else(|_| "[]".into());
-                sqlx::query(
-                    "UPDATE api_keys SET last_client_addr = v.addr
-                       FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS addr
-                               FROM json_each($1)) AS v
-                      WHERE api_keys.id = v.id",
-                )
-                .bind(json)
-                .execute(pool)
-                .await?;
-            }
-        }
-        Ok(())
-    }
-
     // ---- rotation ---------------------------------------------------------------------
 
     /// Links `old_id` to its replacement, sets the old key's expiry and auto-retire rule, in

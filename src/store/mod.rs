@@ -4,9 +4,11 @@
 //! every query is one text run on either pool; the few that differ (batch updates) say so.
 //! Migrations live apart per engine in `migrations/{sqlite,postgres}/`.
 
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -152,17 +154,68 @@ struct TableRow {
     scopes: String,
     expires_at: Option<i64>,
     revoked_at: Option<i64>,
-    last_used_at: Option<i64>,
     updated_at: i64,
     owner_id: i64,
     owner_name: String,
 }
 
+impl From<TableRow> for KeyRow {
+    fn from(r: TableRow) -> KeyRow {
+        KeyRow {
+            id: KeyId {
+                kind: if r.kind == "g" {
+                    KeyKind::Gateway
+                } else {
+                    KeyKind::ServiceAccount
+                },
+                id: r.id,
+            },
+            prefix: r.prefix,
+            key_hash: r.key_hash,
+            scopes: r.scopes,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            updated_at: r.updated_at,
+            owner_id: r.owner_id,
+            owner_name: r.owner_name,
+        }
+    }
+}
+
+/// A service-account key's newest use, as the last-used flush writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UseStamp {
+    pub id: i64,
+    pub at_ms: i64,
+    /// The client address of that use.
+    pub client: Option<IpAddr>,
+}
+
+/// Keys with their last use. Stamps live in `api_key_usage` (migration 0004); the
+/// `api_keys` columns of the same names are only written by sidecars of earlier versions
+/// (during a rolling upgrade), so the newer of the two is shown.
 const KEY_RECORD: &str =
     "SELECT k.id, k.account_id, a.name AS account_name, k.prefix, k.name, k.scopes,
-        k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by, k.last_used_at,
-        k.last_client_addr, k.replaced_by, k.retire_after_idle_ms
-   FROM api_keys k JOIN service_accounts a ON a.id = k.account_id";
+        k.created_at, k.created_by, k.expires_at, k.revoked_at, k.revoked_by,
+        CASE WHEN u.last_used_at IS NULL OR k.last_used_at > u.last_used_at
+             THEN k.last_used_at ELSE u.last_used_at END AS last_used_at,
+        CASE WHEN u.last_used_at IS NULL OR k.last_used_at > u.last_used_at
+             THEN k.last_client_addr ELSE u.last_client_addr END AS last_client_addr,
+        k.replaced_by, k.retire_after_idle_ms
+   FROM api_keys k JOIN service_accounts a ON a.id = k.account_id
+   LEFT JOIN api_key_usage u ON u.key_id = k.id";
+
+/// Every key and gateway changed after `$1`, for the in-memory table.
+const TABLE_ROWS: &str =
+    "SELECT 's' AS kind, k.id, k.prefix, k.key_hash, k.scopes, k.expires_at, k.revoked_at,
+            k.updated_at, a.id AS owner_id, a.name AS owner_name
+       FROM api_keys k JOIN service_accounts a ON a.id = k.account_id
+      WHERE k.updated_at > $1
+     UNION ALL
+     SELECT 'g' AS kind, g.id, g.prefix, g.api_key_hash, g.scopes, CAST(NULL AS BIGINT), g.unpaired_at,
+            g.updated_at, g.id, g.name
+       FROM gateways g
+      WHERE g.updated_at > $1";
 
 impl Store {
     /// Opens a pool. A SQLite file is created when missing and runs in WAL mode.
@@ -446,81 +499,120 @@ impl Store {
     // ---- the key table ----------------------------------------------------------------
 
     /// Every key and paired-or-unpaired gateway whose change marker is above `since`
-    /// (`i64::MIN` for all), for loading and refreshing the in-memory table.
+    /// (`i64::MIN` for all), for refreshing the in-memory table.
     pub async fn table_rows(&self, since: i64) -> Result<Vec<KeyRow>, StoreError> {
-        let sql = "SELECT 's' AS kind, k.id, k.prefix, k.key_hash, k.scopes, k.expires_at, k.revoked_at,
-                          k.last_used_at, k.updated_at, a.id AS owner_id, a.name AS owner_name
-                     FROM api_keys k JOIN service_accounts a ON a.id = k.account_id
-                    WHERE k.updated_at > $1
-                   UNION ALL
-                   SELECT 'g' AS kind, g.id, g.prefix, g.api_key_hash, g.scopes, CAST(NULL AS BIGINT), g.unpaired_at,
-                          g.last_seen_at, g.updated_at, g.id, g.name
-                     FROM gateways g
-                    WHERE g.updated_at > $1";
-        let rows = on_pool!(self, |pool| sqlx::query_as::<_, TableRow>(sql)
-            .bind(since)
-            .fetch_all(pool)
-            .await)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| KeyRow {
-                id: KeyId {
-                    kind: if r.kind == "g" {
-                        KeyKind::Gateway
-                    } else {
-                        KeyKind::ServiceAccount
-                    },
-                    id: r.id,
-                },
-                prefix: r.prefix,
-                key_hash: r.key_hash,
-                scopes: r.scopes,
-                expires_at: r.expires_at,
-                revoked_at: r.revoked_at,
-                last_used_at: r.last_used_at,
-                updated_at: r.updated_at,
-                owner_id: r.owner_id,
-                owner_name: r.owner_name,
-            })
-            .collect())
+        let mut rows = Vec::new();
+        self.each_table_row(since, |row| rows.push(row)).await?;
+        Ok(rows)
+    }
+
+    /// `table_rows`, handed to `each` one at a time as the database sends them: a whole-table
+    /// load never holds every row at once.
+    pub async fn each_table_row(
+        &self,
+        since: i64,
+        mut each: impl FnMut(KeyRow),
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            let mut rows = sqlx::query_as::<_, TableRow>(TABLE_ROWS)
+                .bind(since)
+                .fetch(pool);
+            while let Some(row) = rows.try_next().await? {
+                each(row.into());
+            }
+        });
+        Ok(())
     }
 
     // ---- usage ------------------------------------------------------------------------
 
-    /// Stamps `last_used_at` for service-account keys and `last_seen_at` for gateways, one
-    /// statement per table, never moving a stamp backwards (other sidecars may have written a
-    /// newer one).
+    /// Writes last uses: keys' stamps with their client addresses into `api_key_usage`, and
+    /// gateways' `last_seen_at`, one statement per table, never moving a stamp backwards
+    /// (other sidecars may have written a newer one). A stamp and its client address are
+    /// written together, so whoever sees a new last use also sees where it came from.
+    ///
+    /// Stamps are sorted by id, so sidecars flushing overlapping keys at once lock their rows
+    /// in the same order (no deadlock), and a key listed twice (an entry replaced by a reload
+    /// while its stamp waited) is written once, with its newest use.
     pub async fn stamp_last_used(
         &self,
-        keys: &[(i64, i64)],
+        keys: &[UseStamp],
         gateways: &[(i64, i64)],
     ) -> Result<(), StoreError> {
-        for (table, column, stamps) in [
-            ("api_keys", "last_used_at", keys),
-            ("gateways", "last_seen_at", gateways),
-        ] {
-            if stamps.is_empty() {
-                continue;
-            }
-            match self {
-                Store::Postgres(pool) => {
-                    let sql = format!(
-                        "UPDATE {table} AS t SET {column} = v.at
-                           FROM unnest($1::BIGINT[], $2::BIGINT[]) AS v(id, at)
-                          WHERE t.id = v.id AND (t.{column} IS NULL OR t.{column} < v.at)"
-                    );
-                    let (ids, ats): (Vec<i64>, Vec<i64>) = stamps.iter().copied().unzip();
-                    sqlx::query(&sql).bind(ids).bind(ats).execute(pool).await?;
+        let mut keys = keys.to_vec();
+        keys.sort_unstable_by_key(|s| (s.id, std::cmp::Reverse(s.at_ms)));
+        keys.dedup_by_key(|s| s.id);
+        let mut gateways = gateways.to_vec();
+        gateways.sort_unstable_by_key(|&(id, at)| (id, std::cmp::Reverse(at)));
+        gateways.dedup_by_key(|&mut (id, _)| id);
+        match self {
+            Store::Postgres(pool) => {
+                if !keys.is_empty() {
+                    let ids: Vec<i64> = keys.iter().map(|s| s.id).collect();
+                    let ats: Vec<i64> = keys.iter().map(|s| s.at_ms).collect();
+                    let clients: Vec<Option<String>> = keys
+                        .iter()
+                        .map(|s| s.client.map(|ip| ip.to_string()))
+                        .collect();
+                    sqlx::query(
+                        "INSERT INTO api_key_usage AS u (key_id, last_used_at, last_client_addr)
+                         SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[])
+                         ON CONFLICT (key_id) DO UPDATE
+                            SET last_used_at = excluded.last_used_at,
+                                last_client_addr = COALESCE(excluded.last_client_addr, u.last_client_addr)
+                          WHERE u.last_used_at < excluded.last_used_at",
+                    )
+                    .bind(ids)
+                    .bind(ats)
+                    .bind(clients)
+                    .execute(pool)
+                    .await?;
                 }
-                Store::Sqlite(pool) => {
-                    let sql = format!(
-                        "UPDATE {table} SET {column} = v.at
+                if !gateways.is_empty() {
+                    let (ids, ats): (Vec<i64>, Vec<i64>) = gateways.into_iter().unzip();
+                    sqlx::query(
+                        "UPDATE gateways AS t SET last_seen_at = v.at
+                           FROM unnest($1::BIGINT[], $2::BIGINT[]) AS v(id, at)
+                          WHERE t.id = v.id AND (t.last_seen_at IS NULL OR t.last_seen_at < v.at)",
+                    )
+                    .bind(ids)
+                    .bind(ats)
+                    .execute(pool)
+                    .await?;
+                }
+            }
+            Store::Sqlite(pool) => {
+                if !keys.is_empty() {
+                    let rows: Vec<(i64, i64, Option<String>)> = keys
+                        .iter()
+                        .map(|s| (s.id, s.at_ms, s.client.map(|ip| ip.to_string())))
+                        .collect();
+                    let json = serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into());
+                    // `WHERE true` tells SQLite's parser the ON CONFLICT belongs to the INSERT.
+                    sqlx::query(
+                        "INSERT INTO api_key_usage (key_id, last_used_at, last_client_addr)
+                         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+                           FROM json_each($1) WHERE true
+                         ON CONFLICT (key_id) DO UPDATE
+                            SET last_used_at = excluded.last_used_at,
+                                last_client_addr = COALESCE(excluded.last_client_addr, api_key_usage.last_client_addr)
+                          WHERE api_key_usage.last_used_at < excluded.last_used_at",
+                    )
+                    .bind(json)
+                    .execute(pool)
+                    .await?;
+                }
+                if !gateways.is_empty() {
+                    let json = serde_json::to_string(&gateways).unwrap_or_else(|_| "[]".into());
+                    sqlx::query(
+                        "UPDATE gateways SET last_seen_at = v.at
                            FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS at
                                    FROM json_each($1)) AS v
-                          WHERE {table}.id = v.id AND ({table}.{column} IS NULL OR {table}.{column} < v.at)"
-                    );
-                    let json = serde_json::to_string(stamps).unwrap_or_else(|_| "[]".into());
-                    sqlx::query(&sql).bind(json).execute(pool).await?;
+                          WHERE gateways.id = v.id AND (gateways.last_seen_at IS NULL OR gateways.last_seen_at < v.at)",
+                    )
+                    .bind(json)
+                    .execute(pool)
+                    .await?;
                 }
             }
         }

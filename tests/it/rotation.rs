@@ -118,7 +118,7 @@ both_engines! {
         app.wait_for_key(&new_key[..8]).await;
         let table = app.keygate.as_ref().expect("running").table.clone();
         let old_prefix = KeyPrefix::parse(&old_key[..8]).expect("prefix");
-        wait_until(Duration::from_secs(5), || table.lookup(&old_prefix).is_some_and(|e| e.expires_at.is_some())).await;
+        wait_until(Duration::from_secs(5), || table.lookup(&old_prefix).is_some_and(|e| e.expires_at().is_some())).await;
 
         clock.set_ms(expires_at - 1);
         let r = app.get("/recordings/1", Some(&old_key)).await;

@@ -4,7 +4,7 @@ use keygate::clock::Clock;
 use keygate::config::{DatabaseUrl, HashingConfig};
 use keygate::keys::{KeyKind, KeyTable};
 use keygate::manage::{Actor, ManageError, Manager};
-use keygate::store::Store;
+use keygate::store::{Store, UseStamp};
 
 use crate::both_engines;
 use crate::harness::*;
@@ -14,6 +14,15 @@ const CHEAP: HashingConfig = HashingConfig {
     iterations: 1,
     parallelism: 1,
 };
+
+/// A stamp without a client address.
+fn stamp(id: i64, at_ms: i64) -> UseStamp {
+    UseStamp {
+        id,
+        at_ms,
+        client: None,
+    }
+}
 
 async fn manager(db: &TestDb) -> Manager {
     let store = Store::connect(&DatabaseUrl::new(db.url.clone()).expect("url"), 2)
@@ -126,7 +135,7 @@ both_engines! {
         let updated = m.set_expiry(&k.record, Some(at), &Actor::cli()).await.expect("expire");
         assert_eq!(updated.expires_at, Some(at));
         keygate::sync::refresh(&m.store, &table, &Clock::System).await.expect("refresh");
-        assert_eq!(table.lookup(&k.key.prefix()).expect("entry").expires_at, Some(at));
+        assert_eq!(table.lookup(&k.key.prefix()).expect("entry").expires_at(), Some(at));
         let audit = m.store.audit(10).await.expect("audit");
         assert_eq!(audit[0].action, "user.updated");
         assert!(audit[0].detail.contains("key.expiry_changed"));
@@ -142,17 +151,17 @@ both_engines! {
         let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
         let k = m.issue_key(&account, "k", &["x:y".into()], None, &Actor::cli()).await.expect("k");
         let id = k.record.id;
-        m.store.stamp_last_used(&[(id, 2_000)], &[]).await.expect("stamp");
+        m.store.stamp_last_used(&[stamp(id, 2_000)], &[]).await.expect("stamp");
         // Another sidecar with an older observation flushes later.
-        m.store.stamp_last_used(&[(id, 1_000)], &[]).await.expect("stamp");
+        m.store.stamp_last_used(&[stamp(id, 1_000)], &[]).await.expect("stamp");
         assert_eq!(m.store.key(id).await.expect("key").expect("row").last_used_at, Some(2_000));
-        m.store.stamp_last_used(&[(id, 3_000)], &[]).await.expect("stamp");
+        m.store.stamp_last_used(&[stamp(id, 3_000)], &[]).await.expect("stamp");
         assert_eq!(m.store.key(id).await.expect("key").expect("row").last_used_at, Some(3_000));
         // A stamp is not a change that matters to authentication: no refresh churn.
         let table = KeyTable::new();
         keygate::sync::load(&m.store, &table, &Clock::System).await.expect("load");
         let watermark = table.watermark();
-        m.store.stamp_last_used(&[(id, 4_000)], &[]).await.expect("stamp");
+        m.store.stamp_last_used(&[stamp(id, 4_000)], &[]).await.expect("stamp");
         assert!(m.store.table_rows(watermark).await.expect("rows").is_empty());
     }
 }
@@ -166,11 +175,68 @@ both_engines! {
         for i in 0..20 {
             ids.push(m.issue_key(&account, &format!("k{i}"), &["x:y".into()], None, &Actor::cli()).await.expect("k").record.id);
         }
-        let stamps: Vec<(i64, i64)> = ids.iter().map(|id| (*id, 10_000 + id)).collect();
+        let stamps: Vec<UseStamp> = ids.iter().map(|id| stamp(*id, 10_000 + id)).collect();
         m.store.stamp_last_used(&stamps, &[]).await.expect("stamp");
         for key in m.store.keys(None).await.expect("keys") {
             assert_eq!(key.last_used_at, Some(10_000 + key.id));
         }
+    }
+}
+
+both_engines! {
+    async fn a_stamp_and_its_client_address_are_written_together_and_only_forwards(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let id = m.issue_key(&account, "k", &["x:y".into()], None, &Actor::cli()).await.expect("k").record.id;
+        let from = |at_ms: i64, ip: &str| UseStamp { id, at_ms, client: Some(ip.parse().expect("ip")) };
+        let seen = |m: &Manager| {
+            let store = m.store.clone();
+            async move {
+                let k = store.key(id).await.expect("key").expect("row");
+                (k.last_used_at, k.last_client_addr)
+            }
+        };
+        // One key twice in a batch (an entry replaced by a reload while its stamp waited):
+        // written once, with the newest use.
+        m.store.stamp_last_used(&[from(2_000, "10.0.0.2"), from(3_000, "2001:db8::3"), from(1_000, "10.0.0.1")], &[]).await.expect("stamp");
+        assert_eq!(seen(&m).await, (Some(3_000), Some("2001:db8::3".into())));
+        // An older use seen by another sidecar moves neither the stamp nor the address.
+        m.store.stamp_last_used(&[from(2_500, "10.0.0.9")], &[]).await.expect("stamp");
+        assert_eq!(seen(&m).await, (Some(3_000), Some("2001:db8::3".into())));
+        // A newer use without an address keeps the address known.
+        m.store.stamp_last_used(&[stamp(id, 4_000)], &[]).await.expect("stamp");
+        assert_eq!(seen(&m).await, (Some(4_000), Some("2001:db8::3".into())));
+    }
+}
+
+both_engines! {
+    async fn stamps_written_by_sidecars_of_earlier_versions_still_show(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let id = m.issue_key(&account, "k", &["x:y".into()], None, &Actor::cli()).await.expect("k").record.id;
+        // Before migration 0004 stamps lived on api_keys; a sidecar not yet upgraded still
+        // writes them there during a rolling upgrade.
+        let legacy = |at: i64, ip: &'static str| {
+            let store = m.store.clone();
+            async move {
+                let sql = "UPDATE api_keys SET last_used_at = $1, last_client_addr = $2 WHERE id = $3";
+                match &store {
+                    Store::Sqlite(p) => { sqlx::query(sql).bind(at).bind(ip).bind(id).execute(p).await.expect("legacy"); }
+                    Store::Postgres(p) => { sqlx::query(sql).bind(at).bind(ip).bind(id).execute(p).await.expect("legacy"); }
+                }
+            }
+        };
+        legacy(5_000, "10.0.0.5").await;
+        let k = m.store.key(id).await.expect("key").expect("row");
+        assert_eq!((k.last_used_at, k.last_client_addr.as_deref()), (Some(5_000), Some("10.0.0.5")));
+        m.store.stamp_last_used(&[UseStamp { id, at_ms: 6_000, client: Some("10.0.0.6".parse().expect("ip")) }], &[]).await.expect("stamp");
+        let k = m.store.key(id).await.expect("key").expect("row");
+        assert_eq!((k.last_used_at, k.last_client_addr.as_deref()), (Some(6_000), Some("10.0.0.6")));
+        legacy(7_000, "10.0.0.7").await;
+        let k = m.store.keys(None).await.expect("keys").remove(0);
+        assert_eq!((k.last_used_at, k.last_client_addr.as_deref()), (Some(7_000), Some("10.0.0.7")));
     }
 }
 
@@ -210,7 +276,7 @@ both_engines! {
         let table = KeyTable::new();
         keygate::sync::load(&m.store, &table, &Clock::System).await.expect("load");
         let entry = table.lookup(&key.prefix()).expect("gateway key loaded");
-        assert_eq!(entry.id.kind, KeyKind::Gateway);
+        assert_eq!(entry.id().kind, KeyKind::Gateway);
         assert_eq!(entry.owner.name(), "gw-1");
         assert_eq!(table.count_by_kind(), (0, 1));
     }
