@@ -851,12 +851,13 @@ mod tests {
     }
 
     /// The entry's share of the table's memory at a million keys (see benches/RESULTS.md):
-    /// 200 bytes plus the `Arc` counts fill a 224-byte allocation.
+    /// 216 bytes (200, plus 16 for the remembered verified digest's slot) and the `Arc` counts
+    /// fill a 240-byte allocation.
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn an_entry_stays_within_its_size_budget() {
         assert!(
-            std::mem::size_of::<KeyEntry>() <= 200,
+            std::mem::size_of::<KeyEntry>() <= 216,
             "{}",
             std::mem::size_of::<KeyEntry>()
         );
