@@ -114,15 +114,15 @@ impl Verifier {
         client: IpAddr,
     ) -> Result<Verified, VerifyError> {
         let digest = *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes();
-        // The warm path: this entry already verified this secret. No shared cache is touched
-        // (its bookkeeping would bounce between cores on every request for a busy key).
-        if entry.verified_digest() == Some(&digest) {
+        // The warm path: this entry already verified this secret, and no shared cache is
+        // touched (its bookkeeping would bounce between cores on every request for a busy
+        // key). A rebuilt entry asks the shared cache once, then remembers.
+        let remembered = entry.verified_digest() == Some(&digest);
+        if remembered || self.verified.get(&digest).await == Some(entry.id()) {
+            if !remembered {
+                entry.remember_verified(digest);
+            }
             self.stats.cache_hits.inc();
-            return Ok(Verified::Cached);
-        }
-        if self.verified.get(&digest).await == Some(entry.id()) {
-            self.stats.cache_hits.inc();
-            entry.remember_verified(digest);
             return Ok(Verified::Cached);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
