@@ -18,7 +18,11 @@ use crate::keys::KeyTable;
 use crate::metrics::SyncMetrics;
 use crate::store::{Store, StoreError};
 
-/// How far back each refresh re-reads, for transactions that commit after a later one.
+/// How far back each refresh re-reads, for transactions that commit after a later one: the
+/// rows stamped in the last `OVERLAP_MS` before the newest applied change, but never rows
+/// stamped more than `OVERLAP_MS` before an earlier refresh began (database clock). Without
+/// that second bound, a burst of changes (a bulk import) would be read again on every refresh
+/// until the next change came.
 const OVERLAP_MS: i64 = 5_000;
 
 /// Longest a load or refresh may take. A connection to a database host that vanished without
@@ -86,19 +90,37 @@ impl SyncStatus {
 /// Loads every key into `table`, building the new table from rows as they arrive; the old one
 /// serves until the last row is in.
 pub async fn load(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usize, StoreError> {
+    let started = limited(store.now_ms()).await?;
     let mut load = table.begin_load();
     limited(store.each_table_row(i64::MIN, |row| load.add(row))).await?;
     let n = load.finish();
+    table.settle(started - OVERLAP_MS);
     table.mark_synced(clock.now_ms());
     Ok(n)
 }
 
-/// Applies what changed since the last refresh; returns how many entries changed.
-pub async fn refresh(store: &Store, table: &KeyTable, clock: &Clock) -> Result<usize, StoreError> {
-    let rows = limited(store.table_rows(table.watermark().saturating_sub(OVERLAP_MS))).await?;
+/// What one refresh did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Rows the database sent.
+    pub read: usize,
+    /// Entries that changed in the table.
+    pub changed: usize,
+}
+
+/// Applies what changed since the last refresh.
+pub async fn refresh(store: &Store, table: &KeyTable, clock: &Clock) -> Result<Refreshed, StoreError> {
+    let started = limited(store.now_ms()).await?;
+    let since = table
+        .watermark()
+        .saturating_sub(OVERLAP_MS)
+        .max(table.settled());
+    let rows = limited(store.table_rows(since)).await?;
+    let read = rows.len();
     let changed = table.apply(rows);
+    table.settle(started - OVERLAP_MS);
     table.mark_synced(clock.now_ms());
-    Ok(changed)
+    Ok(Refreshed { read, changed })
 }
 
 /// Migrates and loads (retrying with backoff until it works), then applies changes as they are

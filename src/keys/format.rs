@@ -161,13 +161,9 @@ pub fn parse(s: &str) -> Result<ParsedKey<'_>, ParseError> {
         return Err(ParseError::Length);
     }
     let kind = KeyKind::from_marker(&b[..MARKER_LEN]).ok_or(ParseError::Marker)?;
-    let charset_ok = b.iter().enumerate().all(|(i, c)| {
-        if i == PREFIX_LEN {
-            *c == b'_'
-        } else {
-            c.is_ascii_alphanumeric()
-        }
-    });
+    let charset_ok = b[PREFIX_LEN] == b'_'
+        && b[..PREFIX_LEN].iter().all(u8::is_ascii_alphanumeric)
+        && b[PREFIX_LEN + 1..].iter().all(u8::is_ascii_alphanumeric);
     if !charset_ok {
         return Err(ParseError::Charset);
     }

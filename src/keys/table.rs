@@ -280,6 +280,9 @@ pub struct KeyTable {
     interner: Mutex<Interner>,
     /// Newest `updated_at` applied: incremental refreshes read from here.
     watermark: AtomicI64,
+    /// Every row stamped at or before this (database clock, Unix ms) is in the table: a
+    /// refresh never needs to read below it.
+    settled: AtomicI64,
     /// When the table last matched the database (Unix ms), 0 before the first load.
     synced_at_ms: AtomicI64,
 }
@@ -401,6 +404,16 @@ impl KeyTable {
 
     pub fn watermark(&self) -> i64 {
         self.watermark.load(Ordering::Acquire)
+    }
+
+    /// See `settle`; 0 until the first.
+    pub fn settled(&self) -> i64 {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    /// Records that every row stamped at or before `at_ms` has been applied (never moves back).
+    pub fn settle(&self, at_ms: i64) {
+        self.settled.fetch_max(at_ms, Ordering::AcqRel);
     }
 
     /// Records that the table matched the database at `now_ms`.

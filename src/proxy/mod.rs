@@ -18,6 +18,7 @@
 mod body;
 mod error;
 mod headers;
+mod paired;
 mod path;
 mod pipeline;
 #[cfg(test)]
@@ -53,6 +54,7 @@ use crate::keys::{KeyTable, Verifier};
 use crate::metrics::Metrics;
 use crate::tls::{self, CertStore, TlsError};
 use crate::usage::Usage;
+use paired::paired;
 use pipeline::Conn;
 use upstream::{Dedicated, UpstreamClient};
 
@@ -402,13 +404,8 @@ async fn serve_connection<I>(
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    tokio::select! {
-        result = watcher.watch(conn) => {
-            if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-            }
-        }
-        () = own.drive() => {}
+    if let Err(e) = paired(watcher.watch(conn), own.drive()).await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -221,7 +221,7 @@ impl UpstreamClient {
 }
 
 /// The upstream connection owned by one HTTP/1 client connection. `drive` must be polled by
-/// the same task that serves the client connection (select it with the server connection);
+/// the same task that serves the client connection (`paired` with the server connection);
 /// requests on that connection are sequential, so one upstream connection suffices.
 #[derive(Default)]
 pub struct Dedicated {
@@ -265,7 +265,9 @@ impl Dedicated {
 
     fn take_sender(&self, authority: &Authority) -> Option<http1::SendRequest<OutboundBody>> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if inner.authority.as_ref() == Some(authority) {
+        // The same route's authority, spelled the same: a byte compare, not `Authority`'s
+        // case-insensitive one.
+        if same_origin(inner.authority.as_ref(), authority) {
             inner.sender.take().filter(|s| !s.is_closed())
         } else {
             None
@@ -274,7 +276,7 @@ impl Dedicated {
 
     fn put_sender(&self, authority: Authority, sender: http1::SendRequest<OutboundBody>) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if inner.authority.as_ref() == Some(&authority) && inner.connection.is_some() {
+        if same_origin(inner.authority.as_ref(), &authority) && inner.connection.is_some() {
             inner.sender = Some(sender);
         }
     }
@@ -297,6 +299,10 @@ impl Dedicated {
         inner.sender = None;
         inner.authority = None;
     }
+}
+
+fn same_origin(current: Option<&Authority>, wanted: &Authority) -> bool {
+    current.is_some_and(|c| c.as_str() == wanted.as_str())
 }
 
 /// 502 when the upstream could not be reached or broke, 504 when it was too slow.

@@ -296,6 +296,25 @@ impl Store {
         on_pool!(self, |pool| pool.close().await)
     }
 
+    /// The database's own clock (Unix ms), the one `updated_at` is stamped with.
+    pub async fn now_ms(&self) -> Result<i64, StoreError> {
+        let now = match self {
+            Store::Sqlite(pool) => {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+                )
+                .fetch_one(pool)
+                .await?
+            }
+            Store::Postgres(pool) => {
+                sqlx::query_scalar::<_, i64>("SELECT keygate_now_ms()")
+                    .fetch_one(pool)
+                    .await?
+            }
+        };
+        Ok(now)
+    }
+
     // ---- service accounts -------------------------------------------------------------
 
     pub async fn create_account(

@@ -114,12 +114,47 @@ both_engines! {
         m.revoke_key(&a.record, &Actor::cli()).await.expect("revoke");
         let again = m.revoke_key(&a.record, &Actor::cli()).await.expect_err("must fail");
         assert!(matches!(again, ManageError::Conflict(_)), "{again}");
-        let changed = keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh");
+        let changed = keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh").changed;
         assert_eq!(changed, 1, "only the revoked key changed");
         let entry = table.lookup(&a.key.prefix()).expect("still known, as revoked");
         assert_eq!(entry.state(clock.now_ms()), keygate::keys::KeyState::Revoked);
         assert_eq!(table.lookup(&b.key.prefix()).expect("b").state(clock.now_ms()), keygate::keys::KeyState::Active);
-        assert_eq!(keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh"), 0, "nothing new");
+        assert_eq!(keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh").changed, 0, "nothing new");
+    }
+}
+
+both_engines! {
+    async fn a_refresh_does_not_read_an_old_burst_of_changes_again(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let clock = Clock::System;
+        let account = m.create_account("billing", "", &Actor::cli()).await.expect("account");
+        let mut keys = Vec::new();
+        for i in 0..20 {
+            keys.push(m.issue_key(&account, &format!("k{i}"), &["x:y".into()], None, &Actor::cli()).await.expect("key"));
+        }
+        // A bulk import ten minutes ago: the newest change in the database is that old.
+        let sql = "UPDATE api_keys SET updated_at = updated_at - 600000";
+        match &m.store {
+            keygate::store::Store::Sqlite(p) => { sqlx::query(sql).execute(p).await.expect("age"); }
+            keygate::store::Store::Postgres(p) => { sqlx::query(sql).execute(p).await.expect("age"); }
+        }
+        let table = KeyTable::new();
+        keygate::sync::load(&m.store, &table, &clock).await.expect("load");
+        assert_eq!(table.len(), 20);
+        // The load settled everything stamped before it began (less the overlap): the
+        // import's rows, all older than the newest change minus the overlap, are not read again.
+        let refreshed = keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh");
+        assert_eq!(refreshed, keygate::sync::Refreshed { read: 0, changed: 0 });
+
+        // A change now is read (and one refresh later, still within the overlap, read again
+        // but not applied twice).
+        m.revoke_key(&keys[3].record, &Actor::cli()).await.expect("revoke");
+        let refreshed = keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh");
+        assert_eq!(refreshed, keygate::sync::Refreshed { read: 1, changed: 1 });
+        assert_eq!(table.lookup(&keys[3].key.prefix()).expect("entry").state(clock.now_ms()), keygate::keys::KeyState::Revoked);
+        let refreshed = keygate::sync::refresh(&m.store, &table, &clock).await.expect("refresh");
+        assert_eq!(refreshed, keygate::sync::Refreshed { read: 1, changed: 0 });
     }
 }
 
