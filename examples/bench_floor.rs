@@ -22,11 +22,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-type Body = Either<keygate::proxy::IdleTimeout<Incoming>, Empty<Bytes>>;
-
-fn knob(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v == "1")
-}
+type Body = Either<Incoming, Empty<Bytes>>;
 
 fn bad_gateway() -> Response<Body> {
     let mut response = Response::new(Either::Right(Empty::new()));
@@ -100,44 +96,20 @@ async fn serve(client: TcpStream, upstream: SocketAddr) {
             let Some(mut upstream) = taken else {
                 return Ok::<_, Infallible>(bad_gateway());
             };
-            let sent = if knob("K_TIMEOUT") {
-                match tokio::time::timeout(std::time::Duration::from_secs(30), upstream.send_request(req)).await {
-                    Ok(r) => r,
-                    Err(_) => return Ok(bad_gateway()),
-                }
-            } else {
-                upstream.send_request(req).await
-            };
-            match sent {
+            match upstream.send_request(req).await {
                 Ok(response) => {
                     *sender.lock().unwrap_or_else(PoisonError::into_inner) = Some(upstream);
-                    Ok(response.map(|b| Either::Left(keygate::proxy::IdleTimeout::new(b, std::time::Duration::from_secs(if knob("K_IDLE") {30} else {3600})))))
+                    Ok(response.map(Either::Left))
                 }
                 Err(_) => Ok(bad_gateway()),
             }
         }
     });
-    if knob("K_AUTO") {
-        let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        if knob("K_HRT") {
-            b.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
-        }
-        let server = b.serve_connection(TokioIo::new(client), service);
-        tokio::select! {
-            biased;
-            _ = server => {}
-            _ = up_conn => {}
-        }
-    } else {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        if knob("K_HRT") {
-            b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
-        }
-        let server = b.serve_connection(TokioIo::new(client), service);
-        tokio::select! {
-            biased;
-            _ = server => {}
-            _ = up_conn => {}
-        }
+    let server =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    tokio::select! {
+        biased;
+        _ = server => {}
+        _ = up_conn => {}
     }
 }

@@ -109,7 +109,11 @@ pub struct Refreshed {
 }
 
 /// Applies what changed since the last refresh.
-pub async fn refresh(store: &Store, table: &KeyTable, clock: &Clock) -> Result<Refreshed, StoreError> {
+pub async fn refresh(
+    store: &Store,
+    table: &KeyTable,
+    clock: &Clock,
+) -> Result<Refreshed, StoreError> {
     let started = limited(store.now_ms()).await?;
     let since = table
         .watermark()

@@ -8,8 +8,9 @@ reported. Besides requests/s and latency it reads the CPU time the proxy process
 /proc, which varies far less than requests/s on a box the load generator shares. Groups:
 
     h1      wrk (HTTP/1.1, keep-alive) at 1, 16, 64, 128 and 256 connections against the
-            upstream direct, the pass-through build, keygate with real keys and nginx with a
-            key map; the 401 path of keygate and nginx at 16 and 128
+            upstream direct, the floor (a minimal hyper proxy, examples/bench_floor.rs), the
+            pass-through build, keygate with real keys and nginx with a key map; the 401 path of
+            keygate and nginx at 16 and 128
     h2      h2load, cleartext HTTP/2 with prior knowledge (h2c), 16 and 64 connections with
             10 streams each, against pass-through, keygate and nginx
     tls     the same three with TLS on the listener, one self-signed ECDSA P-256 certificate
@@ -47,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GROUPS = ("h1", "h2", "tls", "upload")
 PASS_THROUGH, KEYGATE, NGINX = "pass-through (keygate, no auth)", "keygate", "nginx + key map"
+FLOOR = "hyper floor (no keygate code)"
 UPLOAD_TARGET_MB = 64
 
 
@@ -339,8 +341,8 @@ def main():
         raise SystemExit("nginx is required: apt-get install -y nginx")
 
     print("building release binaries ...", file=sys.stderr)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "keygate",
-                    "--example", "bench_upstream", "--example", "bench_seed"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "keygate", "--example", "bench_upstream",
+                    "--example", "bench_seed", "--example", "bench_floor"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "bench-passthrough",
                     "--example", "bench_passthrough"], cwd=ROOT, check=True)
     release = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
@@ -436,8 +438,12 @@ scope = "bench"
         if conns_list or h2_settings:
             keygate, kg_port = start_keygate("keygate")
             passthrough, pt_port = start_passthrough()
+            fl_port = free_port()
+            floor = spawn([str(release / "examples" / "bench_floor"), f"127.0.0.1:{fl_port}", f"127.0.0.1:{up_port}"])
+            wait_port(fl_port)
             targets = [
                 Target("upstream direct", up_port, lambda: [], []),
+                Target(FLOOR, fl_port, lambda: [floor.pid], [key_header]),
                 Target(PASS_THROUGH, pt_port, lambda: [passthrough.pid], [key_header]),
                 Target(KEYGATE, kg_port, lambda: [keygate.pid], [key_header]),
                 Target(NGINX, ng_port, nginx_pids, [key_header]),
@@ -522,6 +528,19 @@ scope = "bench"
                 if kg and pt and ng:
                     lines.append(f"| {conns} | {kg['rps'] / pt['rps']:.3f} | {kg['cpu'] - pt['cpu']:+.2f} | "
                                  f"{kg['rps'] / ng['rps']:.3f} | {kg['cpu'] / ng['cpu']:.3f} | {kg['p99'] / ng['p99']:.3f} |")
+            floor_lines = []
+            for conns in conns_list:
+                fl, ng = summary.get((FLOOR, conns)), summary.get((NGINX, conns))
+                kg = summary.get((KEYGATE, conns))
+                if fl and ng and kg:
+                    floor_lines.append(f"| {conns} | {fl['rps'] / ng['rps']:.3f} | {fl['cpu'] / ng['cpu']:.3f} | "
+                                       f"{kg['rps'] / fl['rps']:.3f} | {kg['cpu'] - fl['cpu']:+.2f} |")
+            if floor_lines:
+                lines += ["", "The floor of the stack: `examples/bench_floor.rs`, a minimal proxy of the same parts "
+                          "(hyper 1.x server and client, a current-thread runtime per worker, an upstream connection "
+                          "per client connection) with no routing, checks, header rewriting, timeouts or metrics:", "",
+                          "| conns | floor / nginx req/s | floor / nginx CPU | keygate / floor req/s | keygate − floor CPU µs/req |",
+                          "|---:|---:|---:|---:|---:|"] + floor_lines
             for conns in (16, 128):
                 rej = summary.get(("keygate 401 (bad key)", conns))
                 up = summary.get(("upstream direct", conns))

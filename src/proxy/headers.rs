@@ -313,7 +313,14 @@ mod tests {
         for name in &HOP_BY_HOP {
             assert!(is_hop_by_hop(name), "{name}");
         }
-        for name in ["host", "accept", "x-api-key", "content-length", "tex", "connections"] {
+        for name in [
+            "host",
+            "accept",
+            "x-api-key",
+            "content-length",
+            "tex",
+            "connections",
+        ] {
             let name = HeaderName::from_static(name);
             assert!(!is_hop_by_hop(&name), "{name}");
         }

@@ -280,6 +280,7 @@ async fn worker(
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let builder = Arc::new(builder);
+    tokio::spawn(timer_anchor());
     let graceful = GracefulShutdown::new();
     // What a request clones: this worker's own handle, so the reference count it bumps is
     // never shared with another thread (the shared state's would bounce between cores).
@@ -333,6 +334,18 @@ async fn worker(
             grace_ms = grace.as_millis() as u64,
             "shutdown grace elapsed; closing remaining connections"
         );
+    }
+}
+
+/// Keeps a timer on the worker's runtime that is due within a second. tokio's timer wakes its
+/// driver through an eventfd whenever a new timer is due earlier than every timer it knew of
+/// when it last parked; with nothing due sooner than the requests' own timeouts (10 s and up),
+/// a request that started a timer after the worker had parked with none, or with only later
+/// ones, paid an eventfd write and an extra `epoll_wait` (0.15 per request at 128 connections).
+/// This costs one wake-up per second.
+async fn timer_anchor() {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -188,7 +188,11 @@ mod tests {
         let (b, hb) = probe();
         let task = tokio::spawn(paired(a, b));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!((ha.polls(), hb.polls()), (1, 1), "both sides polled once at the start");
+        assert_eq!(
+            (ha.polls(), hb.polls()),
+            (1, 1),
+            "both sides polled once at the start"
+        );
 
         hb.wake();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -204,7 +208,11 @@ mod tests {
             .await
             .expect("completes when the first side does")
             .expect("no panic");
-        assert_eq!(hb.polls(), 2, "the second side is not polled for the first's wake-up");
+        assert_eq!(
+            hb.polls(),
+            2,
+            "the second side is not polled for the first's wake-up"
+        );
     }
 
     /// The second side hands work to the first by waking it while being polled: taken in the
@@ -230,7 +238,11 @@ mod tests {
             .await
             .expect("completes")
             .expect("no panic");
-        assert_eq!(ha.polls(), 2, "one more poll of the first side, no spurious ones");
+        assert_eq!(
+            ha.polls(),
+            2,
+            "one more poll of the first side, no spurious ones"
+        );
     }
 
     /// A side that wakes itself on every poll (a cooperative yield) must not keep the pair
@@ -248,7 +260,10 @@ mod tests {
         let task = tokio::spawn(paired(busy, b));
         // This task only gets the thread if the pair yields.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(spins.load(Ordering::SeqCst) > ROUNDS, "the busy side keeps being polled");
+        assert!(
+            spins.load(Ordering::SeqCst) > ROUNDS,
+            "the busy side keeps being polled"
+        );
         task.abort();
     }
 }
