@@ -363,7 +363,7 @@ pub(crate) struct Worker {
 impl Worker {
     fn copy_router(state: &ProxyState) -> (Arc<Router>, Arc<Router>) {
         let shared = state.router.load_full();
-        let copy = Arc::new(Router::clone(&shared));
+        let copy = Arc::new(shared.detached());
         (shared, copy)
     }
 

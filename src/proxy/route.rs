@@ -7,7 +7,7 @@ use crate::config::{AuditMode, RouteConfig, Upstream};
 use crate::keys::Scope;
 
 /// One configured route.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Route {
     pub name: String,
     /// Position in the configuration file, for per-route metric handles.
@@ -22,7 +22,7 @@ pub struct Route {
 }
 
 /// Routes ordered longest prefix first.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Router {
     routes: Vec<Route>,
 }
@@ -59,6 +59,34 @@ impl Router {
             .collect();
         // Stable: among equal prefixes (different methods) the file's order is kept.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Router { routes }
+    }
+
+    /// A copy for one proxy worker. The header value and authority every forwarded request
+    /// clones get buffers of their own: a plain clone would share their reference counts, and
+    /// with them a cache line, with every other worker.
+    pub fn detached(&self) -> Router {
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.clone(),
+                index: r.index,
+                prefix: r.prefix.clone(),
+                methods: r.methods.clone(),
+                upstream: Upstream {
+                    scheme: r.upstream.scheme.clone(),
+                    authority: http::uri::Authority::from_maybe_shared(
+                        bytes::Bytes::copy_from_slice(r.upstream.authority.as_str().as_bytes()),
+                    )
+                    .unwrap_or_else(|_| r.upstream.authority.clone()),
+                },
+                upstream_host: http::HeaderValue::from_bytes(r.upstream_host.as_bytes())
+                    .unwrap_or_else(|_| r.upstream_host.clone()),
+                scope: r.scope.clone(),
+                audit: r.audit,
+            })
+            .collect();
         Router { routes }
     }
 
@@ -165,6 +193,29 @@ mod tests {
         assert_eq!(index("root"), Some(0));
         assert_eq!(index("rec-write"), Some(2));
         assert_eq!(index("brand-new"), Some(usize::MAX));
+    }
+
+    #[test]
+    fn a_detached_copy_routes_alike_on_buffers_of_its_own() {
+        let shared = router(ROUTES);
+        let copy = shared.detached();
+        for (a, b) in shared.routes.iter().zip(&copy.routes) {
+            assert_eq!((&a.name, a.index, &a.scope), (&b.name, b.index, &b.scope));
+            assert_eq!(a.upstream.to_string(), b.upstream.to_string());
+            assert_eq!(a.upstream_host, b.upstream_host);
+            assert_ne!(
+                a.upstream_host.as_bytes().as_ptr(),
+                b.upstream_host.as_bytes().as_ptr()
+            );
+            assert_ne!(
+                a.upstream.authority.as_str().as_ptr(),
+                b.upstream.authority.as_str().as_ptr()
+            );
+        }
+        assert_eq!(
+            name(&copy, Method::POST, "/recordings/42").as_deref(),
+            Some("rec-write")
+        );
     }
 
     #[test]
