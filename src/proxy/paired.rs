@@ -129,47 +129,12 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
-    /// Counts its polls; pending until `ready` is set and its waker called.
-    struct Probe {
-        polls: Arc<AtomicUsize>,
-        ready: Arc<AtomicBool>,
-        waker: Arc<std::sync::Mutex<Option<Waker>>>,
-    }
-
-    impl Future for Probe {
-        type Output = ();
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            *self.waker.lock().expect("lock") = Some(cx.waker().clone());
-            if self.ready.load(Ordering::SeqCst) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        }
-    }
-
+    /// What a probe saw, shared with the test: its polls, whether it may finish, its waker.
+    #[derive(Default)]
     struct Handle {
-        polls: Arc<AtomicUsize>,
-        ready: Arc<AtomicBool>,
-        waker: Arc<std::sync::Mutex<Option<Waker>>>,
-    }
-
-    fn probe() -> (Probe, Handle) {
-        let (polls, ready, waker) = (Arc::default(), Arc::default(), Arc::default());
-        let handle = Handle {
-            polls: Arc::clone(&polls),
-            ready: Arc::clone(&ready),
-            waker: Arc::clone(&waker),
-        };
-        (
-            Probe {
-                polls,
-                ready,
-                waker,
-            },
-            handle,
-        )
+        polls: AtomicUsize,
+        ready: AtomicBool,
+        waker: std::sync::Mutex<Option<Waker>>,
     }
 
     impl Handle {
@@ -180,6 +145,27 @@ mod tests {
             let waker = self.waker.lock().expect("lock").clone();
             waker.expect("polled once").wake();
         }
+    }
+
+    /// Counts its polls; pending until `ready` is set and its waker called.
+    struct Probe(Arc<Handle>);
+
+    impl Future for Probe {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.0.polls.fetch_add(1, Ordering::SeqCst);
+            *self.0.waker.lock().expect("lock") = Some(cx.waker().clone());
+            if self.0.ready.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn probe() -> (Probe, Arc<Handle>) {
+        let handle = Arc::new(Handle::default());
+        (Probe(Arc::clone(&handle)), handle)
     }
 
     #[tokio::test]
@@ -220,14 +206,12 @@ mod tests {
     #[tokio::test]
     async fn a_wake_up_caused_while_polling_is_handled_in_the_same_poll() {
         let (a, ha) = probe();
-        let ready = Arc::clone(&ha.ready);
-        let a_waker = Arc::clone(&ha.waker);
+        let first = Arc::clone(&ha);
         let (go, mut went) = tokio::sync::mpsc::unbounded_channel::<()>();
         let second = async move {
             while went.recv().await.is_some() {
-                ready.store(true, Ordering::SeqCst);
-                let waker = a_waker.lock().expect("lock").clone();
-                waker.expect("first polled").wake();
+                first.ready.store(true, Ordering::SeqCst);
+                first.wake();
             }
         };
         let task = tokio::spawn(paired(a, second));
