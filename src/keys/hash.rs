@@ -91,28 +91,31 @@ impl StoredHash {
     }
 
     /// The compact form, only when rendering it gives back exactly `phc` (canonical decimals
-    /// and Base64, no other parameters), so that verification cannot differ.
+    /// and Base64, these parameters in this order and no others), so that verification cannot
+    /// differ. The `password-hash` crate argon2 itself uses does the parsing.
     fn compact(phc: &str) -> Option<StoredHash> {
-        let rest = phc.strip_prefix(ARGON2ID_V19)?;
-        let (m, rest) = rest.split_once(",t=")?;
-        let (t, rest) = rest.split_once(",p=")?;
-        let (p, rest) = rest.split_once('$')?;
-        let (salt_text, output_text) = rest.split_once('$')?;
+        let parsed = PasswordHash::new(phc).ok()?;
+        if parsed.algorithm.as_str() != "argon2id" || parsed.version != Some(19) {
+            return None;
+        }
         let (mut salt, mut output) = ([0u8; 16], [0u8; 32]);
-        let canonical = |text: &str, bytes: &[u8], buf: &mut [u8]| {
-            Base64Unpadded::encode(bytes, buf).is_ok_and(|again| again == text)
-        };
-        let decoded = Base64Unpadded::decode(salt_text, &mut salt).ok()?.len() == 16
-            && Base64Unpadded::decode(output_text, &mut output).ok()?.len() == 32
-            && canonical(salt_text, &salt, &mut [0u8; 22])
-            && canonical(output_text, &output, &mut [0u8; 43]);
-        decoded.then_some(StoredHash::Argon2id {
-            m: decimal(m)?,
-            t: decimal(t)?,
-            p: decimal(p)?,
+        if parsed.salt?.decode_b64(&mut salt).ok()?.len() != salt.len() {
+            return None;
+        }
+        let hash = parsed.hash?;
+        if hash.len() != output.len() {
+            return None;
+        }
+        output.copy_from_slice(hash.as_bytes());
+        let param = |name| parsed.params.get_decimal(name);
+        let compact = StoredHash::Argon2id {
+            m: param("m")?,
+            t: param("t")?,
+            p: param("p")?,
             salt,
             output,
-        })
+        };
+        (compact.phc() == phc).then_some(compact)
     }
 }
 
@@ -123,14 +126,6 @@ impl fmt::Debug for StoredHash {
             StoredHash::Phc(_) => f.write_str("Phc(..)"),
         }
     }
-}
-
-/// A `u32` written the one way `format!` writes it (no sign, no leading zero).
-fn decimal(s: &str) -> Option<u32> {
-    let canonical = !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && (s.len() == 1 || !s.starts_with('0'));
-    canonical.then(|| s.parse().ok()).flatten()
 }
 
 #[cfg(test)]
