@@ -19,7 +19,7 @@ reported. Besides requests/s and latency it reads the CPU time the proxy process
     upload  a 1 GiB upload streamed through a freshly started keygate (real key) to an upstream
             that reads and discards it: throughput and keygate's peak resident memory (VmHWM)
 
-The upstream side stays HTTP/1.1 for every target. A full run takes about ten minutes.
+The upstream side stays HTTP/1.1 for every target. A full run takes about thirteen minutes.
 
     python3 benches/load/harness.py                  # everything, writes benches/RESULTS.md
     python3 benches/load/harness.py --quick          # one round, short runs (smoke test)
