@@ -24,6 +24,17 @@ pub const KEY_LEN: usize = BODY_LEN + CHECKSUM_LEN;
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
+/// Which bytes are in `ALPHABET`.
+const IN_ALPHABET: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        table[ALPHABET[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 /// What a key belongs to, told apart by its marker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KeyKind {
@@ -161,9 +172,14 @@ pub fn parse(s: &str) -> Result<ParsedKey<'_>, ParseError> {
         return Err(ParseError::Length);
     }
     let kind = KeyKind::from_marker(&b[..MARKER_LEN]).ok_or(ParseError::Marker)?;
-    let charset_ok = b[PREFIX_LEN] == b'_'
-        && b[..PREFIX_LEN].iter().all(u8::is_ascii_alphanumeric)
-        && b[PREFIX_LEN + 1..].iter().all(u8::is_ascii_alphanumeric);
+    // A table lookup per byte, folded without a branch: every request's key goes through
+    // this, and a flood of junk keys is nothing but this.
+    let base62 = |part: &[u8]| {
+        part.iter()
+            .fold(true, |ok, &c| ok & IN_ALPHABET[c as usize])
+    };
+    let charset_ok =
+        b[PREFIX_LEN] == b'_' && base62(&b[..PREFIX_LEN]) & base62(&b[PREFIX_LEN + 1..]);
     if !charset_ok {
         return Err(ParseError::Charset);
     }

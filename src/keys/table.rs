@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use bytes::BytesMut;
@@ -285,6 +285,9 @@ pub struct KeyTable {
     settled: AtomicI64,
     /// When the table last matched the database (Unix ms), 0 before the first load.
     synced_at_ms: AtomicI64,
+    /// Counts changes to the map, each counted after it is made: a copy of an entry taken
+    /// while this still reads the same is current (see `generation`).
+    generation: AtomicU64,
 }
 
 impl KeyTable {
@@ -348,6 +351,7 @@ impl KeyTable {
                         .write()
                         .unwrap_or_else(PoisonError::into_inner)
                         .remove(&old);
+                    self.generation.fetch_add(1, Ordering::Release);
                     gateways.remove(&id.id);
                     changed += 1;
                 }
@@ -373,6 +377,7 @@ impl KeyTable {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(prefix, Arc::new(entry));
+            self.generation.fetch_add(1, Ordering::Release);
             changed += 1;
         }
         changed
@@ -419,6 +424,13 @@ impl KeyTable {
     /// Records that the table matched the database at `now_ms`.
     pub fn mark_synced(&self, now_ms: i64) {
         self.synced_at_ms.store(now_ms, Ordering::Release);
+    }
+
+    /// Changes so far. Read it before a lookup: while it still reads the same, the entry
+    /// found is the table's current one for its prefix (entries are replaced, never changed
+    /// in place, so a revocation or a new expiry is a new entry and a new generation).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// When the table last matched the database; `None` before the first load.
@@ -495,6 +507,7 @@ impl TableLoad<'_> {
             &mut *table.map.write().unwrap_or_else(PoisonError::into_inner),
             self.map,
         );
+        table.generation.fetch_add(1, Ordering::Release);
         // Freeing a million entries takes a while: not while holding the lock.
         drop(old);
         table.watermark.fetch_max(self.watermark, Ordering::AcqRel);
@@ -638,6 +651,31 @@ mod tests {
         assert_eq!(e.hash(), "", "a revoked key's hash is dropped");
         assert_eq!(e.revoked_at(), Some(11));
         assert_eq!(t.watermark(), 11);
+    }
+
+    #[test]
+    fn every_change_to_the_table_and_only_a_change_moves_its_generation() {
+        let t = KeyTable::new();
+        let p = prefix(KeyKind::ServiceAccount);
+        let g0 = t.generation();
+        t.replace_all(vec![row(KeyKind::ServiceAccount, 1, &p, 10)]);
+        let g1 = t.generation();
+        assert!(g1 > g0, "a load is a change");
+        assert_eq!(t.apply(vec![row(KeyKind::ServiceAccount, 1, &p, 10)]), 0);
+        assert_eq!(t.generation(), g1, "a row already applied changes nothing");
+        let mut revoked = row(KeyKind::ServiceAccount, 1, &p, 11);
+        revoked.revoked_at = Some(11);
+        t.apply(vec![revoked]);
+        let g2 = t.generation();
+        assert!(g2 > g1, "a revocation is a change");
+        // A gateway's re-pairing removes its old prefix: a change too.
+        let (old, new) = (prefix(KeyKind::Gateway), prefix(KeyKind::Gateway));
+        t.apply(vec![row(KeyKind::Gateway, 7, &old, 12)]);
+        let g3 = t.generation();
+        assert!(g3 > g2);
+        t.apply(vec![row(KeyKind::Gateway, 7, &new, 13)]);
+        assert!(t.generation() > g3);
+        assert!(t.lookup(&KeyPrefix::parse(&old).expect("prefix")).is_none());
     }
 
     #[test]

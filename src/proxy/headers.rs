@@ -36,40 +36,118 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Finds the key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. An Authorization
-/// header with another scheme is not a key and is left for the upstream.
-pub fn extract_key(headers: &HeaderMap) -> Result<(KeySource, &str), CredentialError> {
-    let mut found: Option<(KeySource, &str)> = None;
-    let mut auth = headers.get_all(header::AUTHORIZATION).iter();
-    if let Some(value) = auth.next() {
-        if auth.next().is_some() {
-            return Err(CredentialError::Ambiguous);
+/// One pass over a request's headers: everything the framing checks, the key extraction and
+/// the strip need. A lookup by name hashes the name and probes the map; a request carries a
+/// handful of headers, so reading each once (a match on its name) is cheaper than the dozen
+/// lookups the pipeline would otherwise make, and it says whether any header needs removing.
+#[derive(Default)]
+pub struct Scan<'h> {
+    authorization: Option<&'h HeaderValue>,
+    authorizations: u8,
+    api_key: Option<&'h HeaderValue>,
+    api_keys: u8,
+    /// The first `Host`, and how many there are.
+    pub host: Option<&'h HeaderValue>,
+    pub hosts: u8,
+    /// The first `Transfer-Encoding`, and how many there are.
+    pub transfer_encoding: Option<&'h HeaderValue>,
+    pub transfer_encodings: u8,
+    pub content_length: bool,
+    pub upgrade: bool,
+    /// The first `X-Request-Id`.
+    pub request_id: Option<&'h HeaderValue>,
+    /// A hop-by-hop header is present.
+    hop_by_hop: bool,
+    /// A client-sent spelling of a reserved header (other than `x-api-key`) is present.
+    reserved: bool,
+}
+
+impl<'h> Scan<'h> {
+    pub fn of(headers: &'h HeaderMap) -> Scan<'h> {
+        let mut scan = Scan::default();
+        for (name, value) in headers {
+            match name.as_str() {
+                "host" => {
+                    scan.host.get_or_insert(value);
+                    scan.hosts = scan.hosts.saturating_add(1);
+                }
+                "x-api-key" => {
+                    scan.api_key.get_or_insert(value);
+                    scan.api_keys = scan.api_keys.saturating_add(1);
+                }
+                "authorization" => {
+                    scan.authorization.get_or_insert(value);
+                    scan.authorizations = scan.authorizations.saturating_add(1);
+                }
+                "content-length" => scan.content_length = true,
+                "transfer-encoding" => {
+                    scan.transfer_encoding.get_or_insert(value);
+                    scan.transfer_encodings = scan.transfer_encodings.saturating_add(1);
+                    scan.hop_by_hop = true;
+                }
+                "upgrade" => {
+                    scan.upgrade = true;
+                    scan.hop_by_hop = true;
+                }
+                "x-request-id" => {
+                    scan.request_id.get_or_insert(value);
+                }
+                other if is_hop_by_hop(other) => scan.hop_by_hop = true,
+                other if is_reserved(other) => scan.reserved = true,
+                _ => {}
+            }
         }
-        let bytes = value.as_bytes();
-        if bytes.len() >= 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-            let token =
-                value.to_str().map_err(|_| CredentialError::Malformed)?[7..].trim_matches(' ');
+        scan
+    }
+
+    /// Finds the key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. An Authorization
+    /// header with another scheme is not a key and is left for the upstream.
+    pub fn key(&self) -> Result<(KeySource, &'h str), CredentialError> {
+        let mut found: Option<(KeySource, &str)> = None;
+        if let Some(value) = self.authorization {
+            if self.authorizations > 1 {
+                return Err(CredentialError::Ambiguous);
+            }
+            let bytes = value.as_bytes();
+            if bytes.len() >= 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+                let token =
+                    value.to_str().map_err(|_| CredentialError::Malformed)?[7..].trim_matches(' ');
+                if token.is_empty() {
+                    return Err(CredentialError::Malformed);
+                }
+                found = Some((KeySource::Authorization, token));
+            }
+        }
+        if let Some(value) = self.api_key {
+            if self.api_keys > 1 || found.is_some() {
+                return Err(CredentialError::Ambiguous);
+            }
+            let token = value
+                .to_str()
+                .map_err(|_| CredentialError::Malformed)?
+                .trim_matches(' ');
             if token.is_empty() {
                 return Err(CredentialError::Malformed);
             }
-            found = Some((KeySource::Authorization, token));
+            found = Some((KeySource::XApiKey, token));
+        }
+        found.ok_or(CredentialError::Missing)
+    }
+
+    /// What `Strip::apply` must remove, for a key that came from `key_source`.
+    pub fn strip(&self, key_source: Option<KeySource>) -> Strip {
+        Strip {
+            authorization: key_source == Some(KeySource::Authorization),
+            api_key: self.api_keys > 0,
+            hop_by_hop: self.hop_by_hop,
+            reserved: self.reserved,
         }
     }
-    let mut api_key = headers.get_all(&X_API_KEY).iter();
-    if let Some(value) = api_key.next() {
-        if api_key.next().is_some() || found.is_some() {
-            return Err(CredentialError::Ambiguous);
-        }
-        let token = value
-            .to_str()
-            .map_err(|_| CredentialError::Malformed)?
-            .trim_matches(' ');
-        if token.is_empty() {
-            return Err(CredentialError::Malformed);
-        }
-        found = Some((KeySource::XApiKey, token));
-    }
-    found.ok_or(CredentialError::Missing)
+}
+
+/// Finds the key in `headers` (see `Scan::key`).
+pub fn extract_key(headers: &HeaderMap) -> Result<(KeySource, &str), CredentialError> {
+    Scan::of(headers).key()
 }
 
 /// Is `name` one of ours or a forwarding header, in any spelling a CGI-style upstream would
@@ -93,38 +171,53 @@ fn is_reserved(name: &str) -> bool {
         || (name.len() == "x-api-key".len() && starts("x-api-key"))
 }
 
-/// Removes from a request everything the upstream must not see: the key header, hop-by-hop
-/// and `Connection`-nominated headers, and client-sent identity and forwarding headers.
-pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>) {
-    strip_hop_by_hop(headers);
-    match key_source {
-        Some(KeySource::Authorization) => {
+/// What to remove from a request before it goes upstream, as a `Scan` found it: the key
+/// header, hop-by-hop and `Connection`-nominated headers, and client-sent identity and
+/// forwarding headers. Most requests need only the key header removed.
+#[derive(Clone, Copy, Debug)]
+pub struct Strip {
+    authorization: bool,
+    api_key: bool,
+    hop_by_hop: bool,
+    reserved: bool,
+}
+
+impl Strip {
+    pub fn apply(self, headers: &mut HeaderMap) {
+        if self.hop_by_hop {
+            strip_hop_by_hop(headers);
+        }
+        if self.authorization {
             headers.remove(header::AUTHORIZATION);
         }
-        Some(KeySource::XApiKey) | None => {}
-    }
-    // The usual spelling of the key header goes by name; the scan below catches the others.
-    headers.remove(&X_API_KEY);
-    // Header names are lower-case in a HeaderMap; only odd spellings need the slow path.
-    if headers.keys().any(|n| is_reserved(n.as_str())) {
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| is_reserved(n.as_str()))
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(&name);
+        if self.api_key {
+            headers.remove(&X_API_KEY);
+        }
+        if self.reserved {
+            let doomed: Vec<HeaderName> = headers
+                .keys()
+                .filter(|n| is_reserved(n.as_str()))
+                .cloned()
+                .collect();
+            for name in doomed {
+                headers.remove(&name);
+            }
         }
     }
+}
+
+/// Removes from a request everything the upstream must not see (see `Strip`).
+pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>) {
+    Scan::of(headers).strip(key_source).apply(headers);
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
 /// `Expect` is handled here too: keygate answers it itself by reading the body only after
 /// the key is accepted. A match on the name's text compiles to a length switch and a compare
 /// or two.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+fn is_hop_by_hop(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -142,14 +235,14 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // A request or response carries a handful of headers: one scan of them is cheaper than
     // ten lookups, and most carry no hop-by-hop header at all.
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    if doomed.is_empty() {
+    if !headers.keys().any(|n| is_hop_by_hop(n.as_str())) {
         return;
     }
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n.as_str()))
+        .cloned()
+        .collect();
     if let Some(conn) = headers.get(header::CONNECTION) {
         doomed.extend(
             conn.to_str()
@@ -160,6 +253,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in doomed {
         headers.remove(&name);
+    }
+}
+
+/// Readies an upstream's response for the client: hop-by-hop headers go, and so does any
+/// `X-Keygate-Key-Expires-At` of the upstream's own (only keygate sets it). One pass finds
+/// both; most responses carry neither.
+pub fn strip_response(headers: &mut HeaderMap) {
+    let (mut hop_by_hop, mut expires) = (false, false);
+    for name in headers.keys() {
+        let name = name.as_str();
+        hop_by_hop |= is_hop_by_hop(name);
+        expires |= name == X_KEYGATE_KEY_EXPIRES_AT.as_str();
+    }
+    if hop_by_hop {
+        strip_hop_by_hop(headers);
+    }
+    if expires {
+        headers.remove(&X_KEYGATE_KEY_EXPIRES_AT);
     }
 }
 
@@ -312,7 +423,7 @@ mod tests {
         ];
         for name in listed {
             let name = HeaderName::from_static(name);
-            assert!(is_hop_by_hop(&name), "{name}");
+            assert!(is_hop_by_hop(name.as_str()), "{name}");
         }
         for name in [
             "host",
@@ -323,7 +434,7 @@ mod tests {
             "connections",
         ] {
             let name = HeaderName::from_static(name);
-            assert!(!is_hop_by_hop(&name), "{name}");
+            assert!(!is_hop_by_hop(name.as_str()), "{name}");
         }
     }
 
@@ -339,6 +450,61 @@ mod tests {
             h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             vec!["authorization"]
         );
+    }
+
+    #[test]
+    fn a_response_loses_hop_by_hop_headers_and_an_upstream_expiry_claim() {
+        let mut h = map(&[
+            ("content-type", b"text/plain"),
+            ("connection", b"keep-alive, x-hop"),
+            ("x-hop", b"1"),
+            ("x-keygate-key-expires-at", b"2099-01-01T00:00:00Z"),
+            ("x-keygate-account", b"upstream-says"),
+        ]);
+        strip_response(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, vec!["content-type", "x-keygate-account"]);
+
+        let mut plain = map(&[("content-type", b"text/plain"), ("content-length", b"2")]);
+        let before = plain.clone();
+        strip_response(&mut plain);
+        assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn one_scan_finds_framing_host_and_request_id() {
+        let h = map(&[
+            ("host", b"a.example"),
+            ("host", b"b.example"),
+            ("transfer-encoding", b"gzip"),
+            ("transfer-encoding", b"chunked"),
+            ("content-length", b"3"),
+            ("upgrade", b"websocket"),
+            ("x-request-id", b"r-1"),
+        ]);
+        let scan = Scan::of(&h);
+        assert_eq!(scan.hosts, 2);
+        assert_eq!(
+            scan.host.map(HeaderValue::as_bytes),
+            Some(&b"a.example"[..])
+        );
+        assert_eq!(scan.transfer_encodings, 2);
+        assert_eq!(
+            scan.transfer_encoding.map(HeaderValue::as_bytes),
+            Some(&b"gzip"[..])
+        );
+        assert!(scan.content_length && scan.upgrade);
+        assert_eq!(
+            scan.request_id.map(HeaderValue::as_bytes),
+            Some(&b"r-1"[..])
+        );
+
+        let quiet = map(&[("host", b"a.example"), ("x-api-key", b"k")]);
+        let scan = Scan::of(&quiet);
+        assert_eq!(scan.hosts, 1);
+        assert!(!scan.content_length && !scan.upgrade && scan.request_id.is_none());
+        assert_eq!(scan.transfer_encodings, 0);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!    `database.max_staleness`), framing and path checks (400 for anything ambiguous),
 //! 2. route match (404 when none),
 //! 3. key extraction and shape check (401 missing/malformed),
-//! 4. table lookup, revocation and expiry from the live table (401 unknown/revoked/expired),
+//! 4. table lookup, revocation and expiry from the live table (401 unknown/revoked/expired);
+//!    a worker serves a key that verified from its own copy while the table is unchanged
+//!    (`worker_keys.rs`),
 //! 5. secret verification: the cache, or argon2 on the bounded pool (401, or 503 when busy),
 //! 6. scope check (403 naming the scope),
 //! 7. strip the key, hop-by-hop and spoofed headers; add identity and forwarding headers,
@@ -16,6 +18,7 @@
 //! Nothing on this path waits on the database.
 
 mod body;
+mod drain;
 mod error;
 mod headers;
 mod paired;
@@ -25,6 +28,7 @@ mod pipeline;
 mod props;
 mod route;
 mod upstream;
+mod worker_keys;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,7 +38,6 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -54,9 +57,11 @@ use crate::keys::{KeyTable, Verifier};
 use crate::metrics::Metrics;
 use crate::tls::{self, CertStore, TlsError};
 use crate::usage::Usage;
+use drain::Drain;
 use paired::paired;
 use pipeline::Conn;
 use upstream::{Dedicated, UpstreamClient};
+use worker_keys::WorkerKeys;
 
 /// Everything the request path reads.
 pub struct ProxyState {
@@ -281,13 +286,14 @@ async fn worker(
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let builder = Arc::new(builder);
     tokio::spawn(timer_anchor());
-    let graceful = GracefulShutdown::new();
     // What a request clones: this worker's own handle, so the reference count it bumps is
     // never shared with another thread (the shared state's would bounce between cores).
     let local = Arc::new(Worker {
         router: Mutex::new(Worker::copy_router(&state)),
         state: state.clone(),
         client,
+        drain: Drain::default(),
+        keys: WorkerKeys::default(),
     });
 
     loop {
@@ -302,16 +308,15 @@ async fn worker(
             continue;
         };
         let (local, builder) = (local.clone(), builder.clone());
-        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
             match local.state.tls.clone() {
-                None => serve_connection(&builder, stream, local, peer, false, watcher, mode).await,
+                None => serve_connection(&builder, stream, local, peer, false, mode).await,
                 Some(acceptor) => {
                     let handshake = local.state.limits.tls_handshake_timeout;
                     match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve_connection(&builder, tls, local, peer, true, watcher, mode).await
+                            serve_connection(&builder, tls, local, peer, true, mode).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
@@ -326,7 +331,7 @@ async fn worker(
             }
         });
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, local.drain.shutdown())
         .await
         .is_err()
     {
@@ -358,6 +363,10 @@ pub(crate) struct Worker {
     /// later one) and the copy. Requests hold the copy, whose reference count only this
     /// worker's thread touches.
     router: Mutex<(Arc<Router>, Arc<Router>)>,
+    /// This worker's connections, for a graceful shutdown.
+    drain: Drain,
+    /// This worker's copies of the keys its requests use.
+    keys: WorkerKeys,
 }
 
 impl Worker {
@@ -386,13 +395,13 @@ async fn serve_connection<I>(
     local: Arc<Worker>,
     peer: SocketAddr,
     tls: bool,
-    watcher: Watcher,
     mode: Mode,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let own = Arc::new(Dedicated::default());
     let service_own = own.clone();
+    let worker = local.clone();
     let peer_ip = headers::client_ip_value(peer.ip());
     let service = service_fn(move |req| {
         let (local, own, peer_ip) = (local.clone(), service_own.clone(), peer_ip.clone());
@@ -402,6 +411,7 @@ async fn serve_connection<I>(
                 client: &local.client,
                 router: local.router(),
                 own: &own,
+                keys: &local.keys,
                 peer,
                 peer_ip,
                 tls,
@@ -417,7 +427,7 @@ async fn serve_connection<I>(
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    if let Err(e) = paired(watcher.watch(conn), own.drive()).await {
+    if let Err(e) = paired(worker.drain.watch(conn), own.drive()).await {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }

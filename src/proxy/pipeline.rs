@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::header::HeaderValue;
 use http::uri::{Parts, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -12,15 +12,18 @@ use hyper::body::Incoming;
 use super::body::{DataOnly, IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
-    extract_key, set_forwarding, strip_hop_by_hop, strip_request, CredentialError, Forwarding,
-    KeySource, X_KEYGATE_KEY_EXPIRES_AT, X_REQUEST_ID,
+    set_forwarding, strip_response, CredentialError, Forwarding, Scan, Strip,
+    X_KEYGATE_KEY_EXPIRES_AT, X_REQUEST_ID,
 };
 use super::path::canonical_path;
 use super::route::{Route, Router};
 use super::upstream::{self, Dedicated, SendError, UpstreamClient};
+#[cfg(feature = "bench-passthrough")]
+use super::worker_keys::LocalKey;
+use super::worker_keys::{Found, WorkerKeys};
 use super::ProxyState;
 use crate::audit::ProxiedRequest;
-use crate::keys::{self, KeyEntry, KeyPrefix, KeyState, VerifyError};
+use crate::keys::{self, KeyPrefix, KeyState, VerifyError};
 use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 
 /// The client connection a request arrived on, and the upstream side serving it.
@@ -31,6 +34,8 @@ pub(super) struct Conn<'a> {
     pub router: Arc<Router>,
     /// This connection's own upstream connection (HTTP/1 clients).
     pub own: &'a Dedicated,
+    /// The worker's copies of the keys in use.
+    pub keys: &'a WorkerKeys,
     pub peer: SocketAddr,
     /// `peer`'s address as `X-Forwarded-For` carries it, built once per connection.
     pub peer_ip: HeaderValue,
@@ -43,14 +48,17 @@ pub(super) struct Conn<'a> {
 struct Trail<'s> {
     route: Option<&'s Route>,
     prefix: Option<KeyPrefix>,
-    entry: Option<Arc<KeyEntry>>,
+    entry: Option<Found>,
 }
 
-/// An authorised request: where it goes, whose key carried it, and when it was decided.
+/// An authorised request: where it goes, whose key carried it, what to strip from it, and
+/// when it was decided.
 struct Grant<'s> {
     route: &'s Route,
-    entry: Arc<KeyEntry>,
-    source: KeySource,
+    entry: Found,
+    strip: Strip,
+    /// The client's `Host`, for `X-Forwarded-Host`.
+    host: Option<HeaderValue>,
     now_ms: i64,
 }
 
@@ -62,12 +70,13 @@ pub(super) async fn handle(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let _in_flight = state.metrics.in_flight();
-    let request_id = request_id(&req);
+    let scan = Scan::of(req.headers());
+    let request_id = request_id(scan.request_id);
     let method = req.method().clone();
     let mut trail = Trail::default();
     let router = &conn.router;
 
-    let authorised = authorize(state, router, conn.peer, &req, &mut trail).await;
+    let authorised = authorize(state, router, conn, &req, &scan, &mut trail).await;
     let authorised_at = Instant::now();
     let auth_time = authorised_at - started;
     state.metrics.observe_auth(auth_time);
@@ -97,7 +106,9 @@ pub(super) async fn handle(
         .metrics
         .request(trail.route.map(|r| r.index), &method, outcome, status);
     if let Some(entry) = &trail.entry {
-        state.metrics.account_request(entry.owner.name(), outcome);
+        state
+            .metrics
+            .account_request(entry.entry().owner.name(), outcome);
     }
     log_access(
         state,
@@ -121,7 +132,7 @@ pub(super) async fn passthrough(
     conn: &Conn<'_>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    static ENTRY: std::sync::OnceLock<Arc<KeyEntry>> = std::sync::OnceLock::new();
+    static ENTRY: std::sync::OnceLock<Arc<LocalKey>> = std::sync::OnceLock::new();
     let entry = ENTRY.get_or_init(|| {
         let row = keys::KeyRow {
             id: keys::KeyId {
@@ -137,22 +148,22 @@ pub(super) async fn passthrough(
             owner_id: 0,
             owner_name: "bench".into(),
         };
-        Arc::new(KeyEntry::from_row(row).expect("a valid bench entry"))
+        Arc::new(LocalKey::new(Arc::new(
+            keys::KeyEntry::from_row(row).expect("a valid bench entry"),
+        )))
     });
-    let request_id = request_id(&req);
+    let scan = Scan::of(req.headers());
+    let request_id = request_id(scan.request_id);
     let router = &conn.router;
     let Some(route) = router.find(req.method(), req.uri().path()) else {
         return Rejection::NoRoute.into_response();
     };
-    let source = if req.headers().contains_key(http::header::AUTHORIZATION) {
-        KeySource::Authorization
-    } else {
-        KeySource::XApiKey
-    };
+    let source = scan.key().ok().map(|(source, _)| source);
     let grant = Grant {
         route,
-        entry: entry.clone(),
-        source,
+        entry: Found::Local(entry.clone()),
+        strip: scan.strip(source),
+        host: scan.host.cloned(),
         now_ms: state.clock.now_ms(),
     };
     match forward(state, conn, &grant, req, &request_id, Instant::now()).await {
@@ -168,8 +179,9 @@ pub(super) async fn passthrough(
 async fn authorize<'s>(
     state: &ProxyState,
     router: &'s Router,
-    peer: SocketAddr,
+    conn: &Conn<'_>,
     req: &Request<Incoming>,
+    scan: &Scan<'_>,
     trail: &mut Trail<'s>,
 ) -> Result<Grant<'s>, Rejection> {
     let now_ms = state.clock.now_ms();
@@ -180,17 +192,16 @@ async fn authorize<'s>(
         }
         Some(_) => {}
     }
-    let headers = req.headers();
     // An upstream or a middlebox may frame a request with both Content-Length and
     // Transfer-Encoding differently, so refuse it (RFC 9112 §6.3). hyper's HTTP/1.1 parser
     // already drops the Content-Length in that case (and closes the connection after the
     // response), so this is a guard for any other way such a request could arrive.
-    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+    if scan.transfer_encodings > 0 && scan.content_length {
         return Err(Rejection::BadRequest(
             "content_length_with_transfer_encoding",
         ));
     }
-    check_framing(req)?;
+    check_framing(req, scan)?;
     if req.method() == Method::CONNECT {
         return Err(Rejection::BadRequest("connect_not_supported"));
     }
@@ -200,7 +211,7 @@ async fn authorize<'s>(
     let route = router.find(req.method(), path).ok_or(Rejection::NoRoute)?;
     trail.route = Some(route);
 
-    let (source, text) = extract_key(headers).map_err(|e| match e {
+    let (source, text) = scan.key().map_err(|e| match e {
         CredentialError::Missing => Rejection::Unauthorized(AuthFailure::Missing),
         CredentialError::Malformed => Rejection::Unauthorized(AuthFailure::Malformed),
         CredentialError::Ambiguous => Rejection::BadRequest("ambiguous_credentials"),
@@ -208,19 +219,20 @@ async fn authorize<'s>(
     let key = keys::parse(text).map_err(|_| Rejection::Unauthorized(AuthFailure::Malformed))?;
     trail.prefix = Some(key.prefix);
 
-    let entry = state
-        .table
-        .lookup(&key.prefix)
+    // The table's current entry (or this worker's copy of it, while the table is unchanged).
+    let found = conn
+        .keys
+        .find(&state.table, &key.prefix)
         .ok_or(Rejection::Unauthorized(AuthFailure::Unknown))?;
     // Revocation and expiry come from the live table before any cache is consulted.
-    match entry.state(now_ms) {
+    match found.entry().state(now_ms) {
         KeyState::Active => {}
         KeyState::Revoked => return Err(Rejection::Unauthorized(AuthFailure::Revoked)),
         KeyState::Expired => return Err(Rejection::Unauthorized(AuthFailure::Expired)),
     }
     state
         .verifier
-        .verify(&entry, &key, peer.ip())
+        .verify(found.entry(), &key, conn.peer.ip())
         .await
         .map_err(|e| match e {
             VerifyError::Mismatch => Rejection::Unauthorized(AuthFailure::Unknown),
@@ -230,44 +242,42 @@ async fn authorize<'s>(
                 Rejection::Throttled(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
             }
         })?;
-    if !entry.scopes().contains(&route.scope) {
+    let entry = conn.keys.keep(found);
+    if !entry.entry().scopes().contains(&route.scope) {
         trail.entry = Some(entry);
         return Err(Rejection::Forbidden(route.scope.clone()));
     }
     Ok(Grant {
         route,
         entry,
-        source,
+        strip: scan.strip(Some(source)),
+        host: scan.host.cloned(),
         now_ms,
     })
 }
 
 /// What hyper accepts but an upstream or a middlebox could read differently: refused.
-fn check_framing(req: &Request<Incoming>) -> Result<(), Rejection> {
-    let headers = req.headers();
+fn check_framing(req: &Request<Incoming>, scan: &Scan<'_>) -> Result<(), Rejection> {
     // keygate removes Transfer-Encoding and re-frames the body; any coding but a lone
     // `chunked` (e.g. `gzip, chunked`) would change the bytes the upstream reads.
-    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(v) = te.next() {
-        if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+    if let Some(v) = scan.transfer_encoding {
+        if scan.transfer_encodings > 1 || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err(Rejection::BadRequest("unsupported_transfer_encoding"));
         }
     }
     // Several Host headers (RFC 9112 §3.2: 400), or a Host that disagrees with an
     // absolute-form target: which one names the resource is ambiguous.
-    let mut hosts = headers.get_all(HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    if scan.hosts > 1 {
         return Err(Rejection::BadRequest("ambiguous_host"));
     }
-    if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
+    if let (Some(host), Some(authority)) = (scan.host, req.uri().authority()) {
         if req.version() < Version::HTTP_2 && host.as_bytes() != authority.as_str().as_bytes() {
             return Err(Rejection::BadRequest("ambiguous_host"));
         }
     }
     // Tunnels are not supported: an Upgrade is refused rather than silently dropped, so
     // nothing can switch protocols behind keygate's back.
-    if headers.contains_key(UPGRADE) {
+    if scan.upgrade {
         return Err(Rejection::BadRequest("upgrade_not_supported"));
     }
     Ok(())
@@ -283,14 +293,14 @@ async fn forward(
     sent: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let (mut parts, body) = req.into_parts();
-    let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+    let original_host = grant.host.clone().or_else(|| {
         parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
 
-    strip_request(&mut parts.headers, Some(grant.source));
+    grant.strip.apply(&mut parts.headers);
     let upstream = &grant.route.upstream;
     set_forwarding(
         &mut parts.headers,
@@ -322,7 +332,7 @@ async fn forward(
     let now_ms = grant.now_ms;
     state
         .usage
-        .record_from(&grant.entry, now_ms, Some(conn.peer.ip()));
+        .record_from(grant.entry.entry(), now_ms, Some(conn.peer.ip()));
     // Only audited requests pay for copying the path.
     let audited = grant
         .route
@@ -354,27 +364,27 @@ async fn forward(
         return Err(Rejection::BadGateway);
     }
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_response(&mut parts.headers);
     if let Some((method, path)) = audited {
         state.audit.push(ProxiedRequest {
             at_ms: now_ms,
-            entry: grant.entry.clone(),
+            entry: grant.entry.entry().clone(),
             method,
             path,
             status: parts.status.as_u16(),
             client: conn.peer.ip(),
         });
     }
-    // Tell the caller when its key stops working while it is inside an expiry window; never
-    // pass on an upstream's own value of the header.
-    match (grant.entry.expires_header(), grant.entry.expires_at()) {
-        (Some(value), Some(at)) if at > now_ms => {
+    // Tell the caller when its key stops working while it is inside an expiry window (an
+    // upstream's own value of the header is gone already).
+    if let (Some(value), Some(at)) = (
+        grant.entry.expires_header(),
+        grant.entry.entry().expires_at(),
+    ) {
+        if at > now_ms {
             parts
                 .headers
                 .insert(&X_KEYGATE_KEY_EXPIRES_AT, value.clone());
-        }
-        _ => {
-            parts.headers.remove(&X_KEYGATE_KEY_EXPIRES_AT);
         }
     }
     Ok(Response::from_parts(
@@ -384,8 +394,8 @@ async fn forward(
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.
-fn request_id(req: &Request<Incoming>) -> HeaderValue {
-    if let Some(v) = req.headers().get(&X_REQUEST_ID) {
+fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = client {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
             return v.clone();
@@ -443,7 +453,11 @@ fn log_access(
         outcome,
         reason,
         key_prefix = trail.prefix.as_ref().map(KeyPrefix::as_str).unwrap_or("-"),
-        account = trail.entry.as_ref().map(|e| e.owner.name()).unwrap_or("-"),
+        account = trail
+            .entry
+            .as_ref()
+            .map(|e| e.entry().owner.name())
+            .unwrap_or("-"),
         auth_us,
         upstream_ms,
         "request"

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::body::{ClientBodyError, DataOnly, IdleTimeout};
 use super::error::Rejection;
@@ -143,8 +144,9 @@ impl UpstreamClient {
         for _ in 0..2 {
             let mut sender = match reused.take() {
                 Some(s) => s,
-                None => self
-                    .connect(own, &authority)
+                // Boxed: connecting is rare, and its future would otherwise enlarge every
+                // request's.
+                None => Box::pin(self.connect(own, &authority))
                     .await
                     .map_err(SendError::Upstream)?,
             };
@@ -152,7 +154,10 @@ impl UpstreamClient {
                 // Closed while idle (the upstream's keep-alive ended): open a fresh one.
                 continue;
             }
-            match tokio::time::timeout(self.response_timeout, sender.try_send_request(req)).await {
+            match own
+                .within(self.response_timeout, sender.try_send_request(req))
+                .await
+            {
                 Ok(Ok(response)) => {
                     own.put_sender(authority, sender);
                     return Ok(response);
@@ -234,14 +239,49 @@ struct DedicatedInner {
     sender: Option<http1::SendRequest<OutboundBody>>,
     connection: Option<Pin<Box<UpstreamConnection>>>,
     waker: Option<Waker>,
+    /// The response deadline's timer, made once and re-armed for each request.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
+/// A response head did not arrive within the upstream timeout.
+struct TimedOut;
+
 impl Dedicated {
+    /// Runs `fut` for at most `limit`, on this connection's own timer. A fresh timer per
+    /// request would be inserted into and removed from the runtime's timer wheel each time;
+    /// moving an armed timer's deadline later only stores the new deadline, and the wheel
+    /// re-files the timer if its old deadline comes first.
+    async fn within<F: Future>(&self, limit: Duration, fut: F) -> Result<F::Output, TimedOut> {
+        let at = tokio::time::Instant::now() + limit;
+        {
+            let mut inner = self.lock();
+            match inner.deadline.as_mut() {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => inner.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            match self.lock().deadline.as_mut().map(|s| s.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(TimedOut)),
+                _ => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DedicatedInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Drives the upstream connection, if any. Never completes: the client connection's end
     /// drops it, and with it the upstream connection.
     pub fn drive(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {
-            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut inner = self.lock();
             if !inner
                 .waker
                 .as_ref()
@@ -264,7 +304,7 @@ impl Dedicated {
     }
 
     fn take_sender(&self, authority: &Authority) -> Option<http1::SendRequest<OutboundBody>> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         // The same route's authority, spelled the same: a byte compare, not `Authority`'s
         // case-insensitive one.
         if same_origin(inner.authority.as_ref(), authority) {
@@ -275,7 +315,7 @@ impl Dedicated {
     }
 
     fn put_sender(&self, authority: Authority, sender: http1::SendRequest<OutboundBody>) {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         if same_origin(inner.authority.as_ref(), &authority) && inner.connection.is_some() {
             inner.sender = Some(sender);
         }
@@ -284,7 +324,7 @@ impl Dedicated {
     /// Replaces the upstream connection (a client connection talks to one upstream at a time;
     /// switching routes to another origin closes the old one).
     fn install(&self, authority: Authority, connection: UpstreamConnection) {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         inner.authority = Some(authority);
         inner.sender = None;
         inner.connection = Some(Box::pin(connection));
@@ -294,7 +334,7 @@ impl Dedicated {
     }
 
     fn close(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         inner.connection = None;
         inner.sender = None;
         inner.authority = None;

@@ -168,6 +168,7 @@ fn an_unreachable_database_is_named_in_one_line() {
 /// `keygate serve` as a child process, stopped with SIGTERM on drop.
 struct Served {
     child: Child,
+    logs: ChildLogs,
     proxy: u16,
     cfg: ConfigFile,
 }
@@ -181,16 +182,22 @@ impl Served {
              [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
             standard_routes(upstream)
         ));
-        let child = Command::new(bin())
+        let mut child = Command::new(bin())
             .arg("--config")
             .arg(&cfg.path)
             .arg("serve")
             .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn keygate serve");
-        let served = Served { child, proxy, cfg };
+        let logs = ChildLogs::read(&mut child);
+        let served = Served {
+            child,
+            logs,
+            proxy,
+            cfg,
+        };
         let c = client();
         let started = Instant::now();
         loop {
@@ -229,12 +236,7 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status.success(), err);
+                return (status.success(), self.logs.collect());
             }
             assert!(
                 Instant::now() < deadline,

@@ -647,3 +647,31 @@ pub async fn send_on(
         body,
     }
 }
+
+/// A child's stderr, read as it is written: a child whose pipe nobody reads blocks on its own
+/// logging once the pipe is full (64 KiB), which a chatty `RUST_LOG` reaches in seconds on a
+/// busy machine.
+pub struct ChildLogs(Option<std::thread::JoinHandle<String>>);
+
+impl ChildLogs {
+    /// Takes over `child`'s piped stderr.
+    pub fn read(child: &mut std::process::Child) -> ChildLogs {
+        let pipe = child.stderr.take();
+        ChildLogs(Some(std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                use std::io::Read;
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })))
+    }
+
+    /// Everything the child wrote; call once it has exited.
+    pub fn collect(&mut self) -> String {
+        self.0
+            .take()
+            .map(|reader| reader.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}

@@ -551,6 +551,7 @@ fn the_kubernetes_kit_agrees_with_its_own_configuration() {
 /// `keygate serve` as a child process with its stderr captured.
 struct Binary {
     child: Child,
+    logs: ChildLogs,
     proxy: u16,
     config: PathBuf,
     _dir: tempfile::TempDir,
@@ -592,12 +593,15 @@ impl Binary {
             None => cmd.env_remove("RUST_LOG"),
         };
         let child = cmd
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn keygate serve");
+        let mut child = child;
+        let logs = ChildLogs::read(&mut child);
         let binary = Binary {
             child,
+            logs,
             proxy,
             config,
             _dir: dir,
@@ -657,11 +661,7 @@ impl Binary {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    e.read_to_string(&mut err).expect("read stderr");
-                }
+                let err = self.logs.collect();
                 assert!(status.success(), "keygate exited with {status}:\n{err}");
                 return err;
             }

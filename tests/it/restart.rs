@@ -16,6 +16,7 @@ use crate::harness::*;
 /// `keygate serve` as a child process on free ports.
 struct Served {
     child: Child,
+    logs: ChildLogs,
     proxy: u16,
     admin: u16,
     config: PathBuf,
@@ -28,7 +29,7 @@ impl Served {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, config(proxy, admin)).expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
             .arg("--config")
             .arg(&path)
             .arg("serve")
@@ -37,8 +38,10 @@ impl Served {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn keygate serve");
+        let logs = ChildLogs::read(&mut child);
         let served = Served {
             child,
+            logs,
             proxy,
             admin,
             config: path,
@@ -48,12 +51,7 @@ impl Served {
         let started = Instant::now();
         while served.readyz().await != Some(200) {
             if served.child.try_wait().expect("wait").is_some() {
-                let mut err = String::new();
-                if let Some(mut e) = served.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("keygate serve exited: {err}");
+                panic!("keygate serve exited: {}", served.logs.collect());
             }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
@@ -93,12 +91,7 @@ impl Served {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status.success(), err);
+                return (status.success(), self.logs.collect());
             }
             assert!(Instant::now() < deadline, "keygate did not exit");
             std::thread::sleep(Duration::from_millis(20));
