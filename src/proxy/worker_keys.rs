@@ -171,13 +171,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_kept_key_is_served_from_the_copy_until_the_table_changes() {
+    /// A table of one active key, its prefix as text and parsed, and a worker with no copies.
+    fn one_key() -> (KeyTable, String, KeyPrefix, WorkerKeys) {
         let table = KeyTable::new();
         let text = generate(KeyKind::ServiceAccount).prefix().to_string();
         let prefix = KeyPrefix::parse(&text).expect("prefix");
         table.replace_all(vec![row(&text, 10, None)]);
-        let keys = WorkerKeys::default();
+        (table, text, prefix, WorkerKeys::default())
+    }
+
+    #[test]
+    fn a_kept_key_is_served_from_the_copy_until_the_table_changes() {
+        let (table, text, prefix, keys) = one_key();
 
         let found = keys.find(&table, &prefix).expect("known");
         assert!(matches!(found, Found::Shared { .. }));
@@ -208,11 +213,7 @@ mod tests {
 
     #[test]
     fn an_entry_found_before_a_change_is_not_kept_after_it() {
-        let table = KeyTable::new();
-        let text = generate(KeyKind::ServiceAccount).prefix().to_string();
-        let prefix = KeyPrefix::parse(&text).expect("prefix");
-        table.replace_all(vec![row(&text, 10, None)]);
-        let keys = WorkerKeys::default();
+        let (table, text, prefix, keys) = one_key();
         let found = keys.find(&table, &prefix).expect("known");
         // The key is revoked while this request verifies it; another request sees the change.
         table.apply(vec![row(&text, 11, Some(11))]);
