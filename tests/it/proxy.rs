@@ -314,6 +314,27 @@ both_engines! {
 }
 
 both_engines! {
+    async fn each_request_on_a_kept_alive_connection_gets_its_own_response_deadline(engine: Engine) {
+        // One timer per client connection is re-armed for each request: a deadline moved
+        // later, a deadline that fired while the connection sat idle, and one after a 504.
+        let app = spawn_app_with(engine, AppOptions { upstream_timeout: "300ms", ..Default::default() }).await;
+        let account = app.create_account("billing").await;
+        let issued = app.create_key(&account, "primary", &["recordings:read"]).await;
+        let key = Some(issued.key.expose());
+        assert_eq!(app.get("/recordings/1", key).await.status, 200);
+        let started = Instant::now();
+        assert_eq!(app.get("/recordings/slow?ms=2000", key).await.status, 504);
+        assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+        assert_eq!(app.get("/recordings/slow?ms=100", key).await.status, 200, "not cut short after a 504");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(app.get("/recordings/slow?ms=100", key).await.status, 200, "not cut short after an idle spell");
+        let started = Instant::now();
+        assert_eq!(app.get("/recordings/slow?ms=2000", key).await.status, 504);
+        assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    }
+}
+
+both_engines! {
     async fn last_used_is_stamped_within_the_flush_interval(engine: Engine) {
         let app = spawn_app(engine).await;
         let account = app.create_account("billing").await;
