@@ -81,8 +81,7 @@ impl Router {
                     )
                     .unwrap_or_else(|_| r.upstream.authority.clone()),
                 },
-                upstream_host: http::HeaderValue::from_bytes(r.upstream_host.as_bytes())
-                    .unwrap_or_else(|_| r.upstream_host.clone()),
+                upstream_host: super::headers::unshared(&r.upstream_host),
                 scope: r.scope.clone(),
                 audit: r.audit,
             })

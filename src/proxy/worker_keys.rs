@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use http::HeaderValue;
 
+use super::headers::unshared;
 use crate::keys::{KeyEntry, KeyPrefix, KeyTable};
 
 /// Keys kept per worker (until the table next changes).
@@ -49,13 +50,10 @@ pub struct LocalKey {
 
 impl LocalKey {
     pub fn new(entry: Arc<KeyEntry>) -> LocalKey {
-        let copy = |v: &HeaderValue| {
-            HeaderValue::from_bytes(v.as_bytes()).unwrap_or(HeaderValue::from_static(""))
-        };
         let [account, prefix, scopes] = entry.identity();
         LocalKey {
-            identity: [copy(account), copy(prefix), copy(scopes)],
-            expires: entry.expires_header().map(copy),
+            identity: [unshared(account), unshared(prefix), unshared(scopes)],
+            expires: entry.expires_header().map(unshared),
             entry,
         }
     }

@@ -592,12 +592,11 @@ impl Binary {
             Some(filter) => cmd.env("RUST_LOG", filter),
             None => cmd.env_remove("RUST_LOG"),
         };
-        let child = cmd
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn keygate serve");
-        let mut child = child;
         let logs = ChildLogs::read(&mut child);
         let binary = Binary {
             child,
