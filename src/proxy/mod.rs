@@ -35,6 +35,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+#[cfg(feature = "bench-passthrough")]
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -403,26 +406,27 @@ async fn serve_connection<I>(
     let service_own = own.clone();
     let worker = local.clone();
     let peer_ip = headers::client_ip_value(peer.ip());
+    // The service returns the pipeline's future itself, not a block awaiting it: hyper moves
+    // each request's future into place, so every byte of it is copied once per request.
     let service = service_fn(move |req| {
-        let (local, own, peer_ip) = (local.clone(), service_own.clone(), peer_ip.clone());
-        async move {
-            let state = &local.state;
-            let conn = Conn {
-                client: &local.client,
-                router: local.router(),
-                own: &own,
-                keys: &local.keys,
-                peer,
-                peer_ip,
-                tls,
-            };
-            let response = match mode {
-                Mode::Authenticate => pipeline::handle(state, &conn, req).await,
-                #[cfg(feature = "bench-passthrough")]
-                Mode::PassThrough => pipeline::passthrough(state, &conn, req).await,
-            };
-            Ok::<_, std::convert::Infallible>(response)
-        }
+        let conn = Conn {
+            router: local.router(),
+            worker: local.clone(),
+            own: service_own.clone(),
+            peer,
+            peer_ip: peer_ip.clone(),
+            tls,
+        };
+        #[cfg(not(feature = "bench-passthrough"))]
+        let Mode::Authenticate = mode;
+        #[cfg(not(feature = "bench-passthrough"))]
+        let response = pipeline::handle(conn, req);
+        #[cfg(feature = "bench-passthrough")]
+        let response = match mode {
+            Mode::Authenticate => Either::Left(pipeline::handle(conn, req)),
+            Mode::PassThrough => Either::Right(pipeline::passthrough(conn, req)),
+        };
+        response.map(Ok::<_, std::convert::Infallible>)
     });
     let conn = builder
         .serve_connection(TokioIo::new(io), service)

@@ -1,8 +1,11 @@
 //! The request pipeline, in the order the module notes list.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures_util::future::Either;
 
 use http::header::HeaderValue;
 use http::uri::{Parts, PathAndQuery};
@@ -17,25 +20,25 @@ use super::headers::{
 };
 use super::path::canonical_path;
 use super::route::{Route, Router};
-use super::upstream::{self, Dedicated, SendError, UpstreamClient};
+use super::upstream::{self, Dedicated, OutboundBody, SendError};
+use super::worker_keys::Found;
 #[cfg(feature = "bench-passthrough")]
 use super::worker_keys::LocalKey;
-use super::worker_keys::{Found, WorkerKeys};
-use super::ProxyState;
+use super::{ProxyState, Worker};
 use crate::audit::ProxiedRequest;
 use crate::keys::{self, KeyPrefix, KeyState, VerifyError};
 use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 
 /// The client connection a request arrived on, and the upstream side serving it.
-pub(super) struct Conn<'a> {
-    pub client: &'a UpstreamClient,
+pub(super) struct Conn {
+    /// The proxy worker serving the connection: the shared state, its upstream client and its
+    /// copies of the keys in use.
+    pub worker: Arc<Worker>,
     /// The routes for this request, loaded once as it arrives: a SIGHUP swap affects later
     /// requests, never one half-way through.
     pub router: Arc<Router>,
     /// This connection's own upstream connection (HTTP/1 clients).
-    pub own: &'a Dedicated,
-    /// The worker's copies of the keys in use.
-    pub keys: &'a WorkerKeys,
+    pub own: Arc<Dedicated>,
     pub peer: SocketAddr,
     /// `peer`'s address as `X-Forwarded-For` carries it, built once per connection.
     pub peer_ip: HeaderValue,
@@ -63,115 +66,145 @@ struct Grant<'s> {
 }
 
 /// Runs one request through the pipeline. Never fails: every error is a response.
-pub(super) async fn handle(
-    state: &ProxyState,
-    conn: &Conn<'_>,
+///
+/// This and the futures it awaits are functions returning `async move` blocks rather than
+/// `async fn`s: an `async fn` stores its arguments and the locals they are moved into side by
+/// side, so the request would be carried twice at each level, and hyper copies the whole
+/// future into place for every request.
+#[allow(clippy::manual_async_fn)] // see the note above: not an `async fn` on purpose
+pub(super) fn handle(
+    conn: Conn,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let _in_flight = state.metrics.in_flight();
-    let scan = Scan::of(req.headers());
-    let request_id = request_id(scan.request_id);
-    let method = req.method().clone();
-    let mut trail = Trail::default();
-    let router = &conn.router;
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+    async move {
+        let conn = &conn;
+        let state = &*conn.worker.state;
+        let started = Instant::now();
+        let _in_flight = state.metrics.in_flight();
+        let scan = Scan::of(req.headers());
+        let request_id = request_id(scan.request_id);
+        let method = req.method().clone();
+        let mut trail = Trail::default();
+        let router = &conn.router;
 
-    let authorised = authorize(state, router, conn, &req, &scan, &mut trail).await;
-    let authorised_at = Instant::now();
-    let auth_time = authorised_at - started;
-    state.metrics.observe_auth(auth_time);
-    let mut upstream_ms = 0;
-    let (mut response, outcome, reason) = match authorised {
-        Ok(grant) => {
-            let result = forward(state, conn, &grant, req, &request_id, authorised_at).await;
-            if state.access_log {
-                upstream_ms = authorised_at.elapsed().as_millis() as u64;
-            }
-            trail.entry = Some(grant.entry);
-            match result {
-                Ok(response) => (response, Outcome::Allowed, "-"),
-                Err(rejection) => {
-                    let (outcome, reason) = (counted(&rejection), rejection.reason());
-                    (rejection.into_response(), outcome, reason)
+        let authorised = authorize(state, router, conn, &req, &scan, &mut trail).await;
+        let authorised_at = Instant::now();
+        let auth_time = authorised_at - started;
+        state.metrics.observe_auth(auth_time);
+        let mut upstream_ms = 0;
+        let (mut response, outcome, reason) = match authorised {
+            Ok(grant) => {
+                // Steps 7–9: plain functions around one `await` (a future of their own would
+                // hold the request once more).
+                let result = match outbound(state, conn, &grant, req, &request_id) {
+                    Ok((request, audited)) => {
+                        let response = send(conn, grant.route, request).await;
+                        answer(state, conn, &grant, response, audited, authorised_at)
+                    }
+                    Err(rejection) => Err(rejection),
+                };
+                if state.access_log {
+                    upstream_ms = authorised_at.elapsed().as_millis() as u64;
+                }
+                trail.entry = Some(grant.entry);
+                match result {
+                    Ok(response) => (response, Outcome::Allowed, "-"),
+                    Err(rejection) => {
+                        let (outcome, reason) = (counted(&rejection), rejection.reason());
+                        (rejection.into_response(), outcome, reason)
+                    }
                 }
             }
-        }
-        Err(rejection) => {
-            let (outcome, reason) = (counted(&rejection), rejection.reason());
-            (rejection.into_response(), outcome, reason)
-        }
-    };
-    let status = response.status().as_u16();
-    state
-        .metrics
-        .request(trail.route.map(|r| r.index), &method, outcome, status);
-    if let Some(entry) = &trail.entry {
+            Err(rejection) => {
+                let (outcome, reason) = (counted(&rejection), rejection.reason());
+                (rejection.into_response(), outcome, reason)
+            }
+        };
+        let status = response.status().as_u16();
         state
             .metrics
-            .account_request(entry.entry().owner.name(), outcome);
+            .request(trail.route.map(|r| r.index), &method, outcome, status);
+        if let Some(entry) = &trail.entry {
+            state
+                .metrics
+                .account_request(entry.entry().owner.name(), outcome);
+        }
+        log_access(
+            state,
+            &request_id,
+            &method,
+            &trail,
+            status,
+            outcome_label(outcome),
+            reason,
+            auth_time.as_micros() as u64,
+            upstream_ms,
+        );
+        response.headers_mut().insert(&X_REQUEST_ID, request_id);
+        response
     }
-    log_access(
-        state,
-        &request_id,
-        &method,
-        &trail,
-        status,
-        outcome_label(outcome),
-        reason,
-        auth_time.as_micros() as u64,
-        upstream_ms,
-    );
-    response.headers_mut().insert(&X_REQUEST_ID, request_id);
-    response
 }
 
 /// Bench-only: route and forward with a fixed identity, skipping steps 3–6.
 #[cfg(feature = "bench-passthrough")]
-pub(super) async fn passthrough(
-    state: &ProxyState,
-    conn: &Conn<'_>,
+#[allow(clippy::manual_async_fn)] // see the note above: not an `async fn` on purpose
+pub(super) fn passthrough(
+    conn: Conn,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    static ENTRY: std::sync::OnceLock<Arc<LocalKey>> = std::sync::OnceLock::new();
-    let entry = ENTRY.get_or_init(|| {
-        let row = keys::KeyRow {
-            id: keys::KeyId {
-                kind: keys::KeyKind::ServiceAccount,
-                id: 0,
-            },
-            prefix: Some("kgsBENCH".into()),
-            key_hash: Some("-".into()),
-            scopes: "bench".into(),
-            expires_at: None,
-            revoked_at: None,
-            updated_at: 0,
-            owner_id: 0,
-            owner_name: "bench".into(),
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+    async move {
+        let conn = &conn;
+        let state = &*conn.worker.state;
+        static ENTRY: std::sync::OnceLock<Arc<LocalKey>> = std::sync::OnceLock::new();
+        let entry = ENTRY.get_or_init(|| {
+            let row = keys::KeyRow {
+                id: keys::KeyId {
+                    kind: keys::KeyKind::ServiceAccount,
+                    id: 0,
+                },
+                prefix: Some("kgsBENCH".into()),
+                key_hash: Some("-".into()),
+                scopes: "bench".into(),
+                expires_at: None,
+                revoked_at: None,
+                updated_at: 0,
+                owner_id: 0,
+                owner_name: "bench".into(),
+            };
+            Arc::new(LocalKey::new(Arc::new(
+                keys::KeyEntry::from_row(row).expect("a valid bench entry"),
+            )))
+        });
+        let scan = Scan::of(req.headers());
+        let request_id = request_id(scan.request_id);
+        let router = &conn.router;
+        let Some(route) = router.find(req.method(), req.uri().path()) else {
+            return Rejection::NoRoute.into_response();
         };
-        Arc::new(LocalKey::new(Arc::new(
-            keys::KeyEntry::from_row(row).expect("a valid bench entry"),
-        )))
-    });
-    let scan = Scan::of(req.headers());
-    let request_id = request_id(scan.request_id);
-    let router = &conn.router;
-    let Some(route) = router.find(req.method(), req.uri().path()) else {
-        return Rejection::NoRoute.into_response();
-    };
-    let source = scan.key().ok().map(|(source, _)| source);
-    let grant = Grant {
-        route,
-        entry: Found::Local(entry.clone()),
-        strip: scan.strip(source),
-        host: scan.host.cloned(),
-        now_ms: state.clock.now_ms(),
-    };
-    match forward(state, conn, &grant, req, &request_id, Instant::now()).await {
-        Ok(mut response) => {
-            response.headers_mut().insert(&X_REQUEST_ID, request_id);
-            response
+        let source = scan.key().ok().map(|(source, _)| source);
+        let grant = Grant {
+            route,
+            entry: Found::Local(entry.clone()),
+            strip: scan.strip(source),
+            host: scan.host.cloned(),
+            now_ms: state.clock.now_ms(),
+        };
+        // As `handle` forwards.
+        let sent = Instant::now();
+        let result = match outbound(state, conn, &grant, req, &request_id) {
+            Ok((request, audited)) => {
+                let response = send(conn, grant.route, request).await;
+                answer(state, conn, &grant, response, audited, sent)
+            }
+            Err(rejection) => Err(rejection),
+        };
+        match result {
+            Ok(mut response) => {
+                response.headers_mut().insert(&X_REQUEST_ID, request_id);
+                response
+            }
+            Err(rejection) => rejection.into_response(),
         }
-        Err(rejection) => rejection.into_response(),
     }
 }
 
@@ -179,7 +212,7 @@ pub(super) async fn passthrough(
 async fn authorize<'s>(
     state: &ProxyState,
     router: &'s Router,
-    conn: &Conn<'_>,
+    conn: &Conn,
     req: &Request<Incoming>,
     scan: &Scan<'_>,
     trail: &mut Trail<'s>,
@@ -221,6 +254,7 @@ async fn authorize<'s>(
 
     // The table's current entry (or this worker's copy of it, while the table is unchanged).
     let found = conn
+        .worker
         .keys
         .find(&state.table, &key.prefix)
         .ok_or(Rejection::Unauthorized(AuthFailure::Unknown))?;
@@ -242,7 +276,7 @@ async fn authorize<'s>(
                 Rejection::Throttled(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
             }
         })?;
-    let entry = conn.keys.keep(found);
+    let entry = conn.worker.keys.keep(found);
     if !entry.entry().scopes().contains(&route.scope) {
         trail.entry = Some(entry);
         return Err(Rejection::Forbidden(route.scope.clone()));
@@ -283,15 +317,38 @@ fn check_framing(req: &Request<Incoming>, scan: &Scan<'_>) -> Result<(), Rejecti
     Ok(())
 }
 
-/// Steps 7–9 for an authorised request; `sent` is when it leaves for the upstream.
-async fn forward(
+/// Step 8: sends `request` upstream. An HTTP/1 client connection sends one request at a time:
+/// it gets an upstream connection of its own. HTTP/2 multiplexes, so its requests share the
+/// worker's pool, as do `https://` routes. keygate speaks HTTP/1.1 to upstreams, whatever the
+/// client spoke.
+fn send<'a>(
+    conn: &'a Conn,
+    route: &'a Route,
+    mut request: Request<OutboundBody>,
+) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+    let dedicated =
+        request.version() != Version::HTTP_2 && route.upstream.scheme == http::uri::Scheme::HTTP;
+    *request.version_mut() = Version::HTTP_11;
+    let client = &conn.worker.client;
+    if dedicated {
+        Either::Left(client.send_dedicated(&conn.own, request))
+    } else {
+        Either::Right(client.send_pooled(route, request))
+    }
+}
+
+/// What `outbound` prepared: the request for the upstream (still in the client's HTTP
+/// version), and the method and path to audit when the route audits the method.
+type Outbound = (Request<OutboundBody>, Option<(Method, String)>);
+
+/// Step 7: the request as the upstream gets it. Also records the use (step 9's stamp).
+fn outbound(
     state: &ProxyState,
-    conn: &Conn<'_>,
+    conn: &Conn,
     grant: &Grant<'_>,
     req: Request<Incoming>,
     request_id: &HeaderValue,
-    sent: Instant,
-) -> Result<Response<ProxyBody>, Rejection> {
+) -> Result<Outbound, Rejection> {
     let (mut parts, body) = req.into_parts();
     let original_host = grant.host.clone().or_else(|| {
         parts
@@ -324,15 +381,10 @@ async fn forward(
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
     parts.uri = Uri::from_parts(uri).map_err(|_| Rejection::BadRequest("bad_request_target"))?;
-    // An HTTP/1 client connection sends one request at a time: it gets an upstream connection
-    // of its own. HTTP/2 multiplexes, so its requests share the worker's pool.
-    let dedicated = parts.version != Version::HTTP_2 && upstream.scheme == http::uri::Scheme::HTTP;
-    parts.version = Version::HTTP_11;
 
-    let now_ms = grant.now_ms;
     state
         .usage
-        .record_from(grant.entry.entry(), now_ms, Some(conn.peer.ip()));
+        .record_from(grant.entry.entry(), grant.now_ms, Some(conn.peer.ip()));
     // Only audited requests pay for copying the path.
     let audited = grant
         .route
@@ -343,11 +395,18 @@ async fn forward(
         parts,
         IdleTimeout::new(DataOnly::new(body), state.idle_timeout),
     );
-    let response = if dedicated {
-        conn.client.send_dedicated(conn.own, request).await
-    } else {
-        conn.client.send_pooled(grant.route, request).await
-    };
+    Ok((request, audited))
+}
+
+/// Steps 8–9 once the upstream answered (or failed): the response as the client gets it.
+fn answer(
+    state: &ProxyState,
+    conn: &Conn,
+    grant: &Grant<'_>,
+    response: Result<Response<Incoming>, SendError>,
+    audited: Option<(Method, String)>,
+    sent: Instant,
+) -> Result<Response<ProxyBody>, Rejection> {
     let response = response.map_err(|e| match e {
         SendError::Upstream(failure) => {
             state.metrics.upstream_error(grant.route.index, failure);
@@ -365,6 +424,7 @@ async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     strip_response(&mut parts.headers);
+    let now_ms = grant.now_ms;
     if let Some((method, path)) = audited {
         state.audit.push(ProxiedRequest {
             at_ms: now_ms,

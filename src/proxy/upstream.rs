@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -20,6 +20,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -126,64 +127,70 @@ impl UpstreamClient {
 
     /// Sends `req` on `own`'s upstream connection (opening one when there is none, or when it
     /// was closed before the request could be written) and waits for the response head.
-    pub async fn send_dedicated(
-        &self,
-        own: &Dedicated,
+    ///
+    /// Written as a function returning an `async move` block, not as an `async fn`: an
+    /// `async fn` keeps its arguments and the locals they move into side by side in its state,
+    /// and every request's future (which hyper moves into place once per request) would carry
+    /// the request twice.
+    #[allow(clippy::manual_async_fn)] // see the note above: not an `async fn` on purpose
+    pub fn send_dedicated<'a>(
+        &'a self,
+        own: &'a Dedicated,
         mut req: Request<OutboundBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let Some(authority) = req.uri().authority().cloned() else {
-            return Err(SendError::Upstream(UpstreamFailure::Request));
-        };
-        // On its own connection a request goes in origin form (`/path?query`, RFC 9112 §3.2.1);
-        // the Host header already names the upstream.
-        let mut origin_form = http::uri::Parts::default();
-        origin_form.path_and_query = req.uri().path_and_query().cloned();
-        *req.uri_mut() = http::Uri::from_parts(origin_form)
-            .map_err(|_| SendError::Upstream(UpstreamFailure::Request))?;
-        let mut reused = own.take_sender(&authority);
-        for _ in 0..2 {
-            let mut sender = match reused.take() {
-                Some(s) => s,
-                // Boxed: connecting is rare, and its future would otherwise enlarge every
-                // request's.
-                None => Box::pin(self.connect(own, &authority))
-                    .await
-                    .map_err(SendError::Upstream)?,
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+        async move {
+            let Some(authority) = req.uri().authority().cloned() else {
+                return Err(SendError::Upstream(UpstreamFailure::Request));
             };
-            if sender.ready().await.is_err() {
-                // Closed while idle (the upstream's keep-alive ended): open a fresh one.
-                continue;
-            }
-            match own
-                .within(self.response_timeout, sender.try_send_request(req))
-                .await
-            {
-                Ok(Ok(response)) => {
-                    own.put_sender(authority, sender);
-                    return Ok(response);
+            // On its own connection a request goes in origin form (`/path?query`, RFC 9112
+            // §3.2.1); the Host header already names the upstream.
+            *req.uri_mut() =
+                origin_form(req.uri()).ok_or(SendError::Upstream(UpstreamFailure::Request))?;
+            let mut reused = own.take_sender(&authority);
+            for _ in 0..2 {
+                let mut sender = match reused.take() {
+                    Some(s) => s,
+                    // Boxed: connecting is rare, and its future would otherwise enlarge every
+                    // request's.
+                    None => Box::pin(self.connect(own, &authority))
+                        .await
+                        .map_err(SendError::Upstream)?,
+                };
+                if !sender.is_ready() && sender.ready().await.is_err() {
+                    // Closed while idle (the upstream's keep-alive ended): open a fresh one.
+                    continue;
                 }
-                Ok(Err(mut e)) => match e.take_message() {
-                    // Never written: safe to send again on a new connection.
-                    Some(unsent) => req = unsent,
-                    None if caused_by_client_body(e.error()) => {
-                        tracing::info!(error = %error_chain(e.error()), "client request body failed while forwarding");
+                match own
+                    .within(self.response_timeout, sender.try_send_request(req))
+                    .await
+                {
+                    Ok(Ok(response)) => {
+                        own.put_sender(authority, sender);
+                        return Ok(response);
+                    }
+                    Ok(Err(mut e)) => match e.take_message() {
+                        // Never written: safe to send again on a new connection.
+                        Some(unsent) => req = unsent,
+                        None if caused_by_client_body(e.error()) => {
+                            tracing::info!(error = %error_chain(e.error()), "client request body failed while forwarding");
+                            own.close();
+                            return Err(SendError::ClientBody);
+                        }
+                        None => {
+                            tracing::warn!(error = %error_chain(e.error()), "upstream request failed");
+                            return Err(SendError::Upstream(UpstreamFailure::Request));
+                        }
+                    },
+                    Err(TimedOut) => {
+                        // The connection still carries the abandoned request: never reuse it.
                         own.close();
-                        return Err(SendError::ClientBody);
+                        return Err(SendError::Upstream(self.timed_out()));
                     }
-                    None => {
-                        tracing::warn!(error = %error_chain(e.error()), "upstream request failed");
-                        return Err(SendError::Upstream(UpstreamFailure::Request));
-                    }
-                },
-                Err(_) => {
-                    // The connection still carries the abandoned request: never reuse it.
-                    own.close();
-                    return Err(SendError::Upstream(self.timed_out()));
                 }
             }
+            tracing::warn!(upstream = %authority, "upstream closed two connections before a request could be sent");
+            Err(SendError::Upstream(UpstreamFailure::Request))
         }
-        tracing::warn!(upstream = %authority, "upstream closed two connections before a request could be sent");
-        Err(SendError::Upstream(UpstreamFailure::Request))
     }
 
     async fn connect(
@@ -246,31 +253,50 @@ struct DedicatedInner {
 /// A response head did not arrive within the upstream timeout.
 struct TimedOut;
 
+pin_project! {
+    /// `Dedicated::within`'s future: `fut`'s output, or `TimedOut` once the connection's
+    /// deadline passes.
+    struct Within<'a, F> {
+        own: &'a Dedicated,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, TimedOut>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        match this
+            .own
+            .lock()
+            .deadline
+            .as_mut()
+            .map(|s| s.as_mut().poll(cx))
+        {
+            Some(Poll::Ready(())) => Poll::Ready(Err(TimedOut)),
+            _ => Poll::Pending,
+        }
+    }
+}
+
 impl Dedicated {
     /// Runs `fut` for at most `limit`, on this connection's own timer. A fresh timer per
     /// request would be inserted into and removed from the runtime's timer wheel each time;
     /// moving an armed timer's deadline later only stores the new deadline, and the wheel
     /// re-files the timer if its old deadline comes first.
-    async fn within<F: Future>(&self, limit: Duration, fut: F) -> Result<F::Output, TimedOut> {
+    fn within<F: Future>(&self, limit: Duration, fut: F) -> Within<'_, F> {
         let at = tokio::time::Instant::now() + limit;
-        {
-            let mut inner = self.lock();
-            match inner.deadline.as_mut() {
-                Some(sleep) => sleep.as_mut().reset(at),
-                None => inner.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
-            }
+        let mut inner = self.lock();
+        match inner.deadline.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => inner.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
         }
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Ok(out));
-            }
-            match self.lock().deadline.as_mut().map(|s| s.as_mut().poll(cx)) {
-                Some(Poll::Ready(())) => Poll::Ready(Err(TimedOut)),
-                _ => Poll::Pending,
-            }
-        })
-        .await
+        Within { own: self, fut }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DedicatedInner> {
@@ -339,6 +365,13 @@ impl Dedicated {
         inner.sender = None;
         inner.authority = None;
     }
+}
+
+/// `uri` in origin form: its path and query only.
+fn origin_form(uri: &http::Uri) -> Option<http::Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = uri.path_and_query().cloned();
+    http::Uri::from_parts(parts).ok()
 }
 
 fn same_origin(current: Option<&Authority>, wanted: &Authority) -> bool {
