@@ -147,7 +147,7 @@ pub(super) fn handle(
 
 /// Bench-only: route and forward with a fixed identity, skipping steps 3–6.
 #[cfg(feature = "bench-passthrough")]
-#[allow(clippy::manual_async_fn)] // see the note above: not an `async fn` on purpose
+#[allow(clippy::manual_async_fn)] // not an `async fn` on purpose, as `handle`
 pub(super) fn passthrough(
     conn: Conn,
     req: Request<Incoming>,
