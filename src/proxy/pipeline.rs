@@ -60,7 +60,7 @@ struct Grant<'s> {
     route: &'s Route,
     entry: Found,
     strip: Strip,
-    /// The client's `Host`, for `X-Forwarded-Host`.
+    /// The client's `Host`, for `X-Forwarded-Host` (taken by `outbound`).
     host: Option<HeaderValue>,
     now_ms: i64,
 }
@@ -93,13 +93,13 @@ pub(super) fn handle(
         state.metrics.observe_auth(auth_time);
         let mut upstream_ms = 0;
         let (mut response, outcome, reason) = match authorised {
-            Ok(grant) => {
+            Ok(mut grant) => {
                 // Steps 7–9: plain functions around one `await` (a future of their own would
                 // hold the request once more).
-                let result = match outbound(state, conn, &grant, req, &request_id) {
-                    Ok((request, audited)) => {
-                        let response = send(conn, grant.route, request).await;
-                        answer(state, conn, &grant, response, audited, authorised_at)
+                let result = match outbound(state, conn, &mut grant, req, &request_id) {
+                    Ok(out) => {
+                        let response = send(conn, grant.route, out.request, out.dedicated).await;
+                        answer(state, conn, &grant, response, out.audited, authorised_at)
                     }
                     Err(rejection) => Err(rejection),
                 };
@@ -182,7 +182,7 @@ pub(super) fn passthrough(
             return Rejection::NoRoute.into_response();
         };
         let source = scan.key().ok().map(|(source, _)| source);
-        let grant = Grant {
+        let mut grant = Grant {
             route,
             entry: Found::Local(entry.clone()),
             strip: scan.strip(source),
@@ -191,10 +191,10 @@ pub(super) fn passthrough(
         };
         // As `handle` forwards.
         let sent = Instant::now();
-        let result = match outbound(state, conn, &grant, req, &request_id) {
-            Ok((request, audited)) => {
-                let response = send(conn, grant.route, request).await;
-                answer(state, conn, &grant, response, audited, sent)
+        let result = match outbound(state, conn, &mut grant, req, &request_id) {
+            Ok(out) => {
+                let response = send(conn, grant.route, out.request, out.dedicated).await;
+                answer(state, conn, &grant, response, out.audited, sent)
             }
             Err(rejection) => Err(rejection),
         };
@@ -317,40 +317,41 @@ fn check_framing(req: &Request<Incoming>, scan: &Scan<'_>) -> Result<(), Rejecti
     Ok(())
 }
 
-/// Step 8: sends `request` upstream. An HTTP/1 client connection sends one request at a time:
-/// it gets an upstream connection of its own. HTTP/2 multiplexes, so its requests share the
-/// worker's pool, as do `https://` routes. keygate speaks HTTP/1.1 to upstreams, whatever the
-/// client spoke.
+/// Step 8: sends `outbound`'s request upstream, on the client connection's own upstream
+/// connection or through the worker's pool.
 fn send<'a>(
     conn: &'a Conn,
     route: &'a Route,
-    mut request: Request<OutboundBody>,
+    request: Request<OutboundBody>,
+    dedicated: bool,
 ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
-    let dedicated =
-        request.version() != Version::HTTP_2 && route.upstream.scheme == http::uri::Scheme::HTTP;
-    *request.version_mut() = Version::HTTP_11;
     let client = &conn.worker.client;
     if dedicated {
-        Either::Left(client.send_dedicated(&conn.own, request))
+        Either::Left(client.send_dedicated(&conn.own, &route.upstream.authority, request))
     } else {
         Either::Right(client.send_pooled(route, request))
     }
 }
 
-/// What `outbound` prepared: the request for the upstream (still in the client's HTTP
-/// version), and the method and path to audit when the route audits the method.
-type Outbound = (Request<OutboundBody>, Option<(Method, String)>);
+/// What `outbound` prepared.
+struct Outbound {
+    request: Request<OutboundBody>,
+    /// The method and path to audit, when the route audits the method.
+    audited: Option<(Method, String)>,
+    /// Whether the request goes on the client connection's own upstream connection.
+    dedicated: bool,
+}
 
 /// Step 7: the request as the upstream gets it. Also records the use (step 9's stamp).
 fn outbound(
     state: &ProxyState,
     conn: &Conn,
-    grant: &Grant<'_>,
+    grant: &mut Grant<'_>,
     req: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Outbound, Rejection> {
     let (mut parts, body) = req.into_parts();
-    let original_host = grant.host.clone().or_else(|| {
+    let original_host = grant.host.take().or_else(|| {
         parts
             .uri
             .authority()
@@ -370,9 +371,16 @@ fn outbound(
             request_id,
         },
     );
+    // An HTTP/1 client connection sends one request at a time: it gets an upstream connection
+    // of its own, and the request goes in origin form (`/path?query`, RFC 9112 §3.2.1; the
+    // Host header names the upstream). HTTP/2 multiplexes, so its requests share the worker's
+    // pool, as do `https://` routes' requests, and the pool takes the absolute form.
+    let dedicated = parts.version != Version::HTTP_2 && upstream.scheme == http::uri::Scheme::HTTP;
     let mut uri = Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
+    if !dedicated {
+        uri.scheme = Some(upstream.scheme.clone());
+        uri.authority = Some(upstream.authority.clone());
+    }
     uri.path_and_query = Some(
         parts
             .uri
@@ -381,6 +389,8 @@ fn outbound(
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
     parts.uri = Uri::from_parts(uri).map_err(|_| Rejection::BadRequest("bad_request_target"))?;
+    // keygate speaks HTTP/1.1 to upstreams, whatever the client spoke.
+    parts.version = Version::HTTP_11;
 
     state
         .usage
@@ -395,7 +405,11 @@ fn outbound(
         parts,
         IdleTimeout::new(DataOnly::new(body), state.idle_timeout),
     );
-    Ok((request, audited))
+    Ok(Outbound {
+        request,
+        audited,
+        dedicated,
+    })
 }
 
 /// Steps 8–9 once the upstream answered (or failed): the response as the client gets it.

@@ -125,8 +125,9 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `req` on `own`'s upstream connection (opening one when there is none, or when it
-    /// was closed before the request could be written) and waits for the response head.
+    /// Sends `req` (in origin form) to `authority` on `own`'s upstream connection (opening one
+    /// when there is none, or when it was closed before the request could be written) and
+    /// waits for the response head.
     ///
     /// Written as a function returning an `async move` block, not as an `async fn`: an
     /// `async fn` keeps its arguments and the locals they move into side by side in its state,
@@ -136,23 +137,17 @@ impl UpstreamClient {
     pub fn send_dedicated<'a>(
         &'a self,
         own: &'a Dedicated,
+        authority: &'a Authority,
         mut req: Request<OutboundBody>,
     ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
         async move {
-            let Some(authority) = req.uri().authority().cloned() else {
-                return Err(SendError::Upstream(UpstreamFailure::Request));
-            };
-            // On its own connection a request goes in origin form (`/path?query`, RFC 9112
-            // §3.2.1); the Host header already names the upstream.
-            *req.uri_mut() =
-                origin_form(req.uri()).ok_or(SendError::Upstream(UpstreamFailure::Request))?;
-            let mut reused = own.take_sender(&authority);
+            let mut reused = own.take_sender(authority);
             for _ in 0..2 {
                 let mut sender = match reused.take() {
                     Some(s) => s,
                     // Boxed: connecting is rare, and its future would otherwise enlarge every
                     // request's.
-                    None => Box::pin(self.connect(own, &authority))
+                    None => Box::pin(self.connect(own, authority))
                         .await
                         .map_err(SendError::Upstream)?,
                 };
@@ -340,9 +335,9 @@ impl Dedicated {
         }
     }
 
-    fn put_sender(&self, authority: Authority, sender: http1::SendRequest<OutboundBody>) {
+    fn put_sender(&self, authority: &Authority, sender: http1::SendRequest<OutboundBody>) {
         let mut inner = self.lock();
-        if same_origin(inner.authority.as_ref(), &authority) && inner.connection.is_some() {
+        if same_origin(inner.authority.as_ref(), authority) && inner.connection.is_some() {
             inner.sender = Some(sender);
         }
     }
@@ -365,13 +360,6 @@ impl Dedicated {
         inner.sender = None;
         inner.authority = None;
     }
-}
-
-/// `uri` in origin form: its path and query only.
-fn origin_form(uri: &http::Uri) -> Option<http::Uri> {
-    let mut parts = http::uri::Parts::default();
-    parts.path_and_query = uri.path_and_query().cloned();
-    http::Uri::from_parts(parts).ok()
 }
 
 fn same_origin(current: Option<&Authority>, wanted: &Authority) -> bool {
