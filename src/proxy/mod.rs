@@ -20,6 +20,7 @@
 mod body;
 mod drain;
 mod error;
+mod head_timer;
 mod headers;
 mod paired;
 mod path;
@@ -61,6 +62,7 @@ use crate::metrics::Metrics;
 use crate::tls::{self, CertStore, TlsError};
 use crate::usage::Usage;
 use drain::Drain;
+use head_timer::HeadTimer;
 use paired::paired;
 use pipeline::Conn;
 use upstream::{Dedicated, UpstreamClient};
@@ -270,10 +272,11 @@ async fn worker(
         }
     };
     let limits = &state.limits;
+    let head_timer = HeadTimer::new(state.header_read_timeout);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(head_timer.clone())
         // hyper starts this timer whenever it waits for a request head, so it also bounds an
         // idle keep-alive connection.
         .header_read_timeout(state.header_read_timeout)
@@ -288,7 +291,7 @@ async fn worker(
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let builder = Arc::new(builder);
-    tokio::spawn(timer_anchor());
+    tokio::spawn(head_timer.sweep());
     // What a request clones: this worker's own handle, so the reference count it bumps is
     // never shared with another thread (the shared state's would bounce between cores).
     let local = Arc::new(Worker {
@@ -342,18 +345,6 @@ async fn worker(
             grace_ms = grace.as_millis() as u64,
             "shutdown grace elapsed; closing remaining connections"
         );
-    }
-}
-
-/// Keeps a timer on the worker's runtime that is due within a second. tokio's timer wakes its
-/// driver through an eventfd whenever a new timer is due earlier than every timer it knew of
-/// when it last parked; with nothing due sooner than the requests' own timeouts (10 s and up),
-/// a request that started a timer after the worker had parked with none, or with only later
-/// ones, paid an eventfd write and an extra `epoll_wait` (0.15 per request at 128 connections).
-/// This costs one wake-up per second.
-async fn timer_anchor() {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
