@@ -9,8 +9,9 @@ reported. Besides requests/s and latency it reads the CPU time the proxy process
 
     h1      wrk (HTTP/1.1, keep-alive) at 1, 16, 64, 128 and 256 connections against the
             upstream direct, the floor (a minimal hyper proxy, examples/bench_floor.rs), the
-            pass-through build, keygate with real keys and nginx with a key map; the 401 path of
-            keygate and nginx at 16 and 128
+            pass-through build, keygate with real keys, nginx with a key map, and nginx with a
+            key map that also sets the headers keygate sets; the 401 path of keygate and nginx
+            at 16 and 128
     h2      h2load, cleartext HTTP/2 with prior knowledge (h2c), 16 and 64 connections with
             10 streams each, against pass-through, keygate and nginx
     tls     the same three with TLS on the listener, one self-signed ECDSA P-256 certificate
@@ -19,7 +20,7 @@ reported. Besides requests/s and latency it reads the CPU time the proxy process
     upload  a 1 GiB upload streamed through a freshly started keygate (real key) to an upstream
             that reads and discards it: throughput and keygate's peak resident memory (VmHWM)
 
-The upstream side stays HTTP/1.1 for every target. A full run takes about thirteen minutes.
+The upstream side stays HTTP/1.1 for every target. A full run takes about fifteen minutes.
 
     python3 benches/load/harness.py                  # everything, writes benches/RESULTS.md
     python3 benches/load/harness.py --quick          # one round, short runs (smoke test)
@@ -49,6 +50,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 GROUPS = ("h1", "h2", "tls", "upload")
 PASS_THROUGH, KEYGATE, NGINX = "pass-through (keygate, no auth)", "keygate", "nginx + key map"
 FLOOR = "hyper floor (no keygate code)"
+NGINX_SAME = "nginx + key map, keygate's headers"
 UPLOAD_TARGET_MB = 64
 
 
@@ -402,7 +404,7 @@ scope = "bench"
 
     try:
         up_port = free_port()
-        spawn([str(release / "examples" / "bench_upstream"), f"127.0.0.1:{up_port}"])
+        upstream = spawn([str(release / "examples" / "bench_upstream"), f"127.0.0.1:{up_port}"])
         wait_port(up_port)
 
         db = f"sqlite://{work / 'bench.db'}"
@@ -421,16 +423,18 @@ scope = "bench"
                             "-nodes", "-keyout", str(cert_key), "-out", str(cert), "-days", "2",
                             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                            check=True, capture_output=True)
-            ng_port, ng_h2c_port, ng_tls_port = free_port(), free_port(), free_port()
+            ng_port, ng_h2c_port, ng_tls_port, ng_same_port = free_port(), free_port(), free_port(), free_port()
             key_map = "\n".join(f'        "{k}" "bench";' for k in keys)
             (work / "nginx.conf").write_text(
                 (HERE / "nginx.conf.in").read_text()
                 .replace("@WORK@", str(work)).replace("@PORT@", str(ng_port))
                 .replace("@H2C_PORT@", str(ng_h2c_port)).replace("@TLS_PORT@", str(ng_tls_port))
+                .replace("@SAME_HEADERS_PORT@", str(ng_same_port))
+                .replace("@SCOPES@", key_map)
                 .replace("@CERT@", str(cert)).replace("@KEY@", str(cert_key))
                 .replace("@UPSTREAM@", f"127.0.0.1:{up_port}").replace("@KEYS@", key_map))
             nginx = spawn([nginx_bin, "-c", str(work / "nginx.conf"), "-p", str(work), "-g", "daemon off;"])
-            for port in (ng_port, ng_h2c_port, ng_tls_port):
+            for port in (ng_port, ng_h2c_port, ng_tls_port, ng_same_port):
                 wait_port(port)
 
         lua = HERE / "report.lua"
@@ -442,11 +446,12 @@ scope = "bench"
             floor = spawn([str(release / "examples" / "bench_floor"), f"127.0.0.1:{fl_port}", f"127.0.0.1:{up_port}"])
             wait_port(fl_port)
             targets = [
-                Target("upstream direct", up_port, lambda: [], []),
+                Target("upstream direct", up_port, lambda: [upstream.pid], []),
                 Target(FLOOR, fl_port, lambda: [floor.pid], [key_header]),
                 Target(PASS_THROUGH, pt_port, lambda: [passthrough.pid], [key_header]),
                 Target(KEYGATE, kg_port, lambda: [keygate.pid], [key_header]),
                 Target(NGINX, ng_port, nginx_pids, [key_header]),
+                Target(NGINX_SAME, ng_same_port, nginx_pids, [key_header]),
             ]
             rejects = [
                 Target("keygate 401 (bad key)", kg_port, lambda: [keygate.pid], [f"X-Api-Key: {bad_key}"]),
@@ -510,8 +515,11 @@ scope = "bench"
             lines += [
                 f"wrk -t2 (-t1 at 1 connection), keep-alive, {args.duration}s per run, {args.rounds} interleaved "
                 f"rounds, medians. keygate: release build, SQLite, {args.keys} keys in the table, access log off. "
-                f"nginx: 2 workers, a {args.keys}-key `map`, upstream keepalive, access log off. "
-                "CPU µs/req: user+system time of the proxy process(es) per request, from /proc.",
+                f"nginx: 2 workers, a {args.keys}-key `map`, upstream keepalive, access log off; "
+                f"\"{NGINX_SAME}\" is the same nginx on a server that also sets what keygate sets: the key's "
+                "account, prefix and scopes, X-Forwarded-For/-Proto/-Host and a request id both ways "
+                "(`benches/load/nginx.conf.in`). CPU µs/req: user+system time of the proxy process(es) per "
+                "request, from /proc (for the upstream direct, the upstream's own).",
                 "",
                 "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
                 "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -541,13 +549,25 @@ scope = "bench"
                           "per client connection) with no routing, checks, header rewriting, timeouts or metrics:", "",
                           "| conns | floor / nginx req/s | floor / nginx CPU | keygate / floor req/s | keygate − floor CPU µs/req |",
                           "|---:|---:|---:|---:|---:|"] + floor_lines
+            same_lines = []
+            for conns in conns_list:
+                kg, ns = summary.get((KEYGATE, conns)), summary.get((NGINX_SAME, conns))
+                if kg and ns:
+                    same_lines.append(f"| {conns} | {kg['rps'] / ns['rps']:.3f} | {kg['cpu'] / ns['cpu']:.3f} | "
+                                      f"{kg['p99'] / ns['p99']:.3f} |")
+            if same_lines:
+                lines += ["", "keygate against nginx handing the upstream the same headers (same run):", "",
+                          "| conns | keygate / nginx req/s | keygate / nginx CPU | keygate p99 / nginx p99 |",
+                          "|---:|---:|---:|---:|"] + same_lines
             for conns in (16, 128):
                 rej = summary.get(("keygate 401 (bad key)", conns))
                 up = summary.get(("upstream direct", conns))
                 if rej and up:
                     lines.append("")
                     lines.append(f"401 path at {conns} conns: keygate rejects at {rej['rps']:,.0f} req/s, "
-                                 f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate.")
+                                 f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate, using "
+                                 f"{fmt_cpu(rej['cpu'])} µs of CPU per refusal against the upstream's "
+                                 f"{fmt_cpu(up['cpu'])} µs per answer.")
         else:
             summary = {}
         if h2_settings:
