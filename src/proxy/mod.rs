@@ -36,12 +36,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-#[cfg(feature = "bench-passthrough")]
 use futures_util::future::Either;
 use futures_util::FutureExt;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -273,24 +272,21 @@ async fn worker(
     };
     let limits = &state.limits;
     let head_timer = HeadTimer::new(state.header_read_timeout);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(head_timer.clone())
+    let mut h1 = http1::Builder::new();
+    h1.timer(head_timer.clone())
         // hyper starts this timer whenever it waits for a request head, so it also bounds an
         // idle keep-alive connection.
         .header_read_timeout(state.header_read_timeout)
         .max_headers(limits.max_headers)
         // hyper answers 431 once the head outgrows its read buffer.
         .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(Servers { h1, h2 });
     tokio::spawn(head_timer.sweep());
     // What a request clones: this worker's own handle, so the reference count it bumps is
     // never shared with another thread (the shared state's would bounce between cores).
@@ -317,12 +313,31 @@ async fn worker(
         tokio::spawn(async move {
             let _permit = permit;
             match local.state.tls.clone() {
-                None => serve_connection(&builder, stream, local, peer, false, mode).await,
+                None => {
+                    let limit = local.state.header_read_timeout;
+                    match tokio::time::timeout(limit, sniff(&stream)).await {
+                        Ok(Ok(Some(protocol))) => {
+                            serve_connection(&builder, protocol, stream, local, peer, false, mode)
+                                .await
+                        }
+                        Ok(Ok(None) | Err(_)) => {}
+                        Err(_) => tracing::debug!(
+                            peer = %peer,
+                            timeout_ms = limit.as_millis() as u64,
+                            "no request within the header read timeout"
+                        ),
+                    }
+                }
                 Some(acceptor) => {
                     let handshake = local.state.limits.tls_handshake_timeout;
                     match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve_connection(&builder, tls, local, peer, true, mode).await
+                            // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN only.
+                            let protocol = match tls.get_ref().1.alpn_protocol() {
+                                Some(b"h2") => Protocol::Http2,
+                                _ => Protocol::Http1,
+                            };
+                            serve_connection(&builder, protocol, tls, local, peer, true, mode).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
@@ -381,10 +396,55 @@ impl Worker {
     }
 }
 
+/// One worker's HTTP/1 and HTTP/2 servers, configured once.
+struct Servers {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// The protocol a client connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4), which a cleartext client with prior knowledge
+/// sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which protocol a cleartext client speaks, from the first bytes it sent, read without
+/// consuming them; `None` when it closed first.
+///
+/// hyper-util's `auto` server reads those bytes and hands them to hyper through a wrapper that
+/// every later read of the connection goes through; and because hyper's first read then gets
+/// only those bytes, its read buffer grows to 16 KiB per connection instead of 8 KiB. Peeking
+/// leaves them in the socket for hyper's own first read.
+async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        // Part of the preface so far (a client that split it): wait for the rest. A peek is
+        // ready again at once while unread bytes wait, so this polls, bounded by the caller's
+        // timeout; whole prefaces come in one segment.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Serves one client connection. Its own upstream connection (HTTP/1 clients) is driven by
 /// this same task.
 async fn serve_connection<I>(
-    builder: &auto::Builder<TokioExecutor>,
+    servers: &Servers,
+    protocol: Protocol,
     io: I,
     local: Arc<Worker>,
     peer: SocketAddr,
@@ -419,10 +479,16 @@ async fn serve_connection<I>(
         };
         response.map(Ok::<_, std::convert::Infallible>)
     });
-    let conn = builder
-        .serve_connection(TokioIo::new(io), service)
-        .into_owned();
-    if let Err(e) = paired(worker.drain.watch(conn), own.drive()).await {
+    let io = TokioIo::new(io);
+    let conn = match protocol {
+        Protocol::Http1 => {
+            Either::Left(worker.drain.watch(servers.h1.serve_connection(io, service)))
+        }
+        Protocol::Http2 => {
+            Either::Right(worker.drain.watch(servers.h2.serve_connection(io, service)))
+        }
+    };
+    if let Err(e) = paired(conn, own.drive()).await {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }

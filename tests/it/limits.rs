@@ -73,27 +73,31 @@ async fn past_max_connections_a_new_client_waits_until_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_request_head_and_an_idle_keep_alive_connection_are_both_closed() {
+async fn a_slow_request_head_a_silent_client_and_an_idle_keep_alive_connection_are_closed() {
     let app = spawn_app_with(
         Engine::Sqlite,
         with_proxy("header_read_timeout = \"300ms\""),
     )
     .await;
 
-    // Slowloris: half a head, then silence.
+    // Slowloris: half a head, then silence; and a client that connects and sends nothing.
+    // Both are closed once the timeout has passed, not before.
+    let started = Instant::now();
     let mut slow = TcpStream::connect(app.proxy_addr).await.expect("connect");
     slow.write_all(b"GET /recordings/1 HTTP/1.1\r\nHost: kg\r\n")
         .await
         .expect("write");
-    let started = Instant::now();
-    read_until_closed(&mut slow, Duration::from_secs(5))
-        .await
-        .expect("closed");
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "{:?}",
-        started.elapsed()
-    );
+    let silent = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    for (what, mut stream) in [("half a head", slow), ("nothing sent", silent)] {
+        read_until_closed(&mut stream, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{what}: not closed"));
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{what}: closed after {:?}",
+            started.elapsed()
+        );
+    }
 
     // Keep-alive: one full exchange, then idle.
     let mut idle = TcpStream::connect(app.proxy_addr).await.expect("connect");
