@@ -4,10 +4,11 @@
 //! in, so on a keep-alive connection it is made and dropped once per request. With tokio's
 //! timer that is a boxed `Sleep` filed into and taken out of the runtime's timer wheel, plus the
 //! wheel's own work whenever the worker parks. Replacing it saved 640 instructions on a refused
-//! request (4 %) and 1,040 on a forwarded one (3 %) (callgrind, `benches/RESULTS.md`). A
-//! slowloris guard needs no such precision. Here a waiting head costs a slot in a per-worker list, and one sweep per
-//! tick (an eighth of the timeout, at most a second) closes the heads that are overdue: a head
-//! is given between the timeout and the timeout plus one tick.
+//! request (4 %) and 1,040 on a forwarded one (3 %) (callgrind, `benches/RESULTS.md`).
+//!
+//! A slowloris guard needs no such precision. Here a waiting head costs a slot in a per-worker
+//! list, and one sweep per tick (an eighth of the timeout, at most a second) wakes the heads
+//! that are overdue: a head is given between the timeout and the timeout plus one tick.
 
 use std::future::Future;
 use std::pin::Pin;

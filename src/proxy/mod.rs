@@ -286,7 +286,7 @@ async fn worker(
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
-    let builder = Arc::new(Servers { h1, h2 });
+    let servers = Arc::new(Servers { h1, h2 });
     tokio::spawn(head_timer.sweep());
     // What a request clones: this worker's own handle, so the reference count it bumps is
     // never shared with another thread (the shared state's would bounce between cores).
@@ -309,7 +309,7 @@ async fn worker(
         let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
             continue;
         };
-        let (local, builder) = (local.clone(), builder.clone());
+        let (local, servers) = (local.clone(), servers.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match local.state.tls.clone() {
@@ -317,7 +317,7 @@ async fn worker(
                     let limit = local.state.header_read_timeout;
                     match tokio::time::timeout(limit, sniff(&stream)).await {
                         Ok(Ok(Some(protocol))) => {
-                            serve_connection(&builder, protocol, stream, local, peer, false, mode)
+                            serve_connection(&servers, protocol, stream, local, peer, false, mode)
                                 .await
                         }
                         Ok(Ok(None) | Err(_)) => {}
@@ -337,7 +337,7 @@ async fn worker(
                                 Some(b"h2") => Protocol::Http2,
                                 _ => Protocol::Http1,
                             };
-                            serve_connection(&builder, protocol, tls, local, peer, true, mode).await
+                            serve_connection(&servers, protocol, tls, local, peer, true, mode).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
