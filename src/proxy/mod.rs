@@ -313,42 +313,8 @@ async fn worker(
         tokio::spawn(async move {
             let _permit = permit;
             match local.state.tls.clone() {
-                None => {
-                    let limit = local.state.header_read_timeout;
-                    match tokio::time::timeout(limit, sniff(&stream)).await {
-                        Ok(Ok(Some(protocol))) => {
-                            serve_connection(&servers, protocol, stream, local, peer, false, mode)
-                                .await
-                        }
-                        Ok(Ok(None) | Err(_)) => {}
-                        Err(_) => tracing::debug!(
-                            peer = %peer,
-                            timeout_ms = limit.as_millis() as u64,
-                            "no request within the header read timeout"
-                        ),
-                    }
-                }
-                Some(acceptor) => {
-                    let handshake = local.state.limits.tls_handshake_timeout;
-                    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            // RFC 9113 §3.3: over TLS, HTTP/2 is chosen by ALPN only.
-                            let protocol = match tls.get_ref().1.alpn_protocol() {
-                                Some(b"h2") => Protocol::Http2,
-                                _ => Protocol::Http1,
-                            };
-                            serve_connection(&servers, protocol, tls, local, peer, true, mode).await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(
-                            peer = %peer,
-                            timeout_ms = handshake.as_millis() as u64,
-                            "TLS handshake timed out"
-                        ),
-                    }
-                }
+                None => serve_cleartext(&servers, stream, local, peer, mode).await,
+                Some(acceptor) => serve_tls(&servers, acceptor, stream, local, peer, mode).await,
             }
         });
     }
@@ -396,6 +362,57 @@ impl Worker {
     }
 }
 
+/// A cleartext client: HTTP/2 when it opens with the preface, HTTP/1 otherwise. A client that
+/// sends nothing within the header read timeout is closed.
+async fn serve_cleartext(
+    servers: &Servers,
+    stream: tokio::net::TcpStream,
+    local: Arc<Worker>,
+    peer: SocketAddr,
+    mode: Mode,
+) {
+    let limit = local.state.header_read_timeout;
+    match tokio::time::timeout(limit, sniff(&stream)).await {
+        Ok(Ok(Some(protocol))) => {
+            serve_connection(servers, protocol, stream, local, peer, false, mode).await
+        }
+        Ok(Ok(None) | Err(_)) => {}
+        Err(_) => tracing::debug!(
+            peer = %peer,
+            timeout_ms = limit.as_millis() as u64,
+            "no request within the header read timeout"
+        ),
+    }
+}
+
+/// A TLS client: the handshake (bounded by its own timeout), then HTTP/2 or HTTP/1 by ALPN
+/// alone (RFC 9113 §3.3).
+async fn serve_tls(
+    servers: &Servers,
+    acceptor: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    local: Arc<Worker>,
+    peer: SocketAddr,
+    mode: Mode,
+) {
+    let handshake = local.state.limits.tls_handshake_timeout;
+    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let protocol = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            serve_connection(servers, protocol, tls, local, peer, true, mode).await
+        }
+        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(
+            peer = %peer,
+            timeout_ms = handshake.as_millis() as u64,
+            "TLS handshake timed out"
+        ),
+    }
+}
+
 /// One worker's HTTP/1 and HTTP/2 servers, configured once.
 struct Servers {
     h1: http1::Builder,
@@ -403,7 +420,7 @@ struct Servers {
 }
 
 /// The protocol a client connection speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Protocol {
     Http1,
     Http2,
