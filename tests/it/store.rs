@@ -316,3 +316,14 @@ both_engines! {
         assert_eq!(table.count_by_kind(), (0, 1));
     }
 }
+
+both_engines! {
+    async fn the_auto_retire_sweep_reads_only_its_candidates(engine: Engine) {
+        // Every sidecar runs the sweep every refresh interval: it must be served by the
+        // partial index on retiring keys, never by a read of every key.
+        let db = TestDb::new(engine).await;
+        let m = manager(&db).await;
+        let plan = m.store.retire_candidates_plan().await.expect("plan");
+        assert!(plan.contains("api_keys_retiring"), "the sweep's plan:\n{plan}");
+    }
+}
