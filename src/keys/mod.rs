@@ -10,7 +10,7 @@ mod verify;
 
 pub use format::{
     generate, parse, with_checksum, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey,
-    KEY_LEN, PREFIX_LEN,
+    PrefixMap, KEY_LEN, PREFIX_LEN,
 };
 pub use hash::{hash_key, hasher, verify_hash};
 pub use scope::{Scope, Scopes};

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use bytes::BytesMut;
 use http::HeaderValue;
 
-use super::format::{KeyKind, KeyPrefix};
+use super::format::{KeyKind, KeyPrefix, PrefixMap};
 use super::hash::StoredHash;
 use super::scope::Scopes;
 
@@ -272,7 +272,7 @@ impl std::fmt::Debug for KeyEntry {
 /// The table itself.
 #[derive(Default)]
 pub struct KeyTable {
-    map: RwLock<HashMap<KeyPrefix, Arc<KeyEntry>>>,
+    map: RwLock<PrefixMap<Arc<KeyEntry>>>,
     /// Gateway id → its current prefix, so a re-pair or unpair removes the old prefix.
     gateways: Mutex<HashMap<i64, KeyPrefix>>,
     /// Owners, scope lists and header buffers for the entries `apply` builds, shared with the
@@ -309,7 +309,7 @@ impl KeyTable {
     pub fn begin_load(&self) -> TableLoad<'_> {
         TableLoad {
             table: self,
-            map: HashMap::with_capacity(self.len()),
+            map: PrefixMap::with_capacity_and_hasher(self.len(), Default::default()),
             gateways: HashMap::new(),
             interner: self
                 .interner
@@ -446,7 +446,7 @@ impl KeyTable {
 /// a second table. Dropped unfinished (the database went away mid-load), it changes nothing.
 pub struct TableLoad<'t> {
     table: &'t KeyTable,
-    map: HashMap<KeyPrefix, Arc<KeyEntry>>,
+    map: PrefixMap<Arc<KeyEntry>>,
     gateways: HashMap<i64, KeyPrefix>,
     interner: Interner,
     watermark: i64,

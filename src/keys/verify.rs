@@ -113,17 +113,32 @@ impl Verifier {
         key: &ParsedKey<'_>,
         client: IpAddr,
     ) -> Result<Verified, VerifyError> {
-        let digest = *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes();
-        // The warm path: this entry already verified this secret, and no shared cache is
-        // touched (its bookkeeping would bounce between cores on every request for a busy
-        // key).
-        if entry.verified_digest() == Some(&digest) {
-            self.stats.cache_hits.inc();
+        let digest = self.digest(key);
+        if self.remembered_digest(entry, &digest) {
             return Ok(Verified::Cached);
         }
         // The rest waits on caches and argon2: a large future, boxed so that the warm path's
         // (part of every request's) stays small.
         Box::pin(self.verify_unremembered(entry, key, client, digest)).await
+    }
+
+    /// `verify`'s warm path, which needs no waiting: whether this entry already verified this
+    /// secret. No shared cache is touched (its bookkeeping would bounce between cores on every
+    /// request for a busy key). A `false` is no verdict: `verify` decides.
+    pub fn remembered(&self, entry: &KeyEntry, key: &ParsedKey<'_>) -> bool {
+        self.remembered_digest(entry, &self.digest(key))
+    }
+
+    fn remembered_digest(&self, entry: &KeyEntry, digest: &Digest) -> bool {
+        let hit = entry.verified_digest() == Some(digest);
+        if hit {
+            self.stats.cache_hits.inc();
+        }
+        hit
+    }
+
+    fn digest(&self, key: &ParsedKey<'_>) -> Digest {
+        *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes()
     }
 
     /// `verify` for a secret this entry has not verified: the shared caches (a rebuilt entry

@@ -94,6 +94,16 @@ impl Router {
         self.routes.iter().find(|r| r.matches(method, path))
     }
 
+    /// `find`'s route as its position, for `route`.
+    pub fn position(&self, method: &Method, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(method, path))
+    }
+
+    /// The route at `position` (from this router's `position`).
+    pub fn route(&self, position: usize) -> &Route {
+        &self.routes[position]
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }

@@ -14,13 +14,12 @@
 //! are served from the table's entry as before (with many keys in use, the traffic is spread
 //! over many entries and little of it shares a cache line anyway).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use http::HeaderValue;
 
 use super::headers::unshared;
-use crate::keys::{KeyEntry, KeyPrefix, KeyTable};
+use crate::keys::{KeyEntry, KeyPrefix, KeyTable, PrefixMap};
 
 /// Keys kept per worker (until the table next changes).
 const CAPACITY: usize = 4096;
@@ -35,7 +34,7 @@ pub struct WorkerKeys {
 struct Copies {
     /// The table generation the copies were taken under.
     generation: u64,
-    keys: HashMap<KeyPrefix, Arc<LocalKey>>,
+    keys: PrefixMap<Arc<LocalKey>>,
 }
 
 /// A verified key as one worker holds it.
