@@ -165,11 +165,11 @@ fn verify_and_forward(
     started: Instant,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
     async move {
-        let worker = conn.worker.clone();
-        let state = &*worker.state;
-        let _in_flight = state.metrics.in_flight();
+        let state = &*conn.worker.state;
         let mut trail = Trail::default();
         let authorised = {
+            // In flight until the verdict; `forward` counts the rest.
+            let _in_flight = state.metrics.in_flight();
             let scan = Scan::of(req.headers());
             match admit(state, &conn, &req, &scan, &mut trail) {
                 Ok(admitted) => match verify(state, &conn, &admitted).await {

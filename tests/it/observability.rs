@@ -288,6 +288,33 @@ async fn upstream_connection_errors_and_timeouts_are_counted_per_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_the_upstream_is_in_flight_once_whether_its_key_was_cold_or_warm() {
+    let app = spawn_app(Engine::Sqlite).await;
+    let account = app.create_account("ops").await;
+    let issued = app.create_key(&account, "k", &["recordings:read"]).await;
+    let key = issued.key.expose();
+    app.wait_for_key(&key[..8]).await;
+    // The first request verifies the key (its own future), the second finds it verified.
+    for round in ["cold key", "warm key"] {
+        let (response, during) = tokio::join!(
+            call(&app, "GET", "/recordings/slow?ms=1500", Some(key)),
+            async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                sample(&scrape(&app).await, "keygate_requests_in_flight")
+            }
+        );
+        assert_eq!(response.status, 200, "{round}");
+        assert_eq!(
+            during,
+            Some(1.0),
+            "{round}: in flight while the upstream answers"
+        );
+        let after = sample(&scrape(&app).await, "keygate_requests_in_flight");
+        assert_eq!(after, Some(0.0), "{round}: nothing in flight once answered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_account_labels_appear_only_when_the_operator_turns_them_on() {
     let app = spawn_app_with(
         Engine::Sqlite,
