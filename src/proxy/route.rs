@@ -91,10 +91,11 @@ impl Router {
 
     /// The route for `method` and `path` (the path without its query).
     pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(method, path))
+        self.position(method, path).map(|at| self.route(at))
     }
 
-    /// `find`'s route as its position, for `route`.
+    /// `find`'s route as its position, for `route` (the pipeline keeps positions, not
+    /// references, so what it decided can move into the forwarding future).
     pub fn position(&self, method: &Method, path: &str) -> Option<usize> {
         self.routes.iter().position(|r| r.matches(method, path))
     }
