@@ -15,4 +15,4 @@ pub use format::{
 pub use hash::{hash_key, hasher, verify_hash};
 pub use scope::{Scope, Scopes};
 pub use table::{KeyEntry, KeyId, KeyRow, KeyState, KeyTable, Owner, TableLoad};
-pub use verify::{Verified, Verifier, VerifyError};
+pub use verify::{Recall, Unremembered, Verified, Verifier, VerifyError};

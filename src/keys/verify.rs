@@ -16,7 +16,7 @@ use moka::future::Cache;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::format::ParsedKey;
+use super::format::{KeyPrefix, ParsedKey};
 use super::hash::verify_hash;
 use super::table::{KeyEntry, KeyId};
 use super::throttle::Throttle;
@@ -42,6 +42,21 @@ pub enum VerifyError {
     /// The key prefix or the client spent its failure budget; retry after this long.
     #[error("too many failed verifications; retry in {0:?}")]
     Throttled(Duration),
+}
+
+/// Whether an entry already verified a presented secret (`Verifier::recall`).
+pub enum Recall {
+    Remembered,
+    /// Not by this entry: `Verifier::verify_unremembered` decides.
+    Unremembered(Unremembered),
+}
+
+/// A presented secret that its entry has not verified: what deciding it needs, owned, so the
+/// decision can wait without holding on to the request. Only `Verifier::recall` makes one.
+pub struct Unremembered {
+    digest: Digest,
+    prefix: KeyPrefix,
+    secret: String,
 }
 
 /// Counters read by the metrics scrape.
@@ -113,42 +128,44 @@ impl Verifier {
         key: &ParsedKey<'_>,
         client: IpAddr,
     ) -> Result<Verified, VerifyError> {
-        let digest = self.digest(key);
-        if self.remembered_digest(entry, &digest) {
-            return Ok(Verified::Cached);
+        match self.recall(entry, key) {
+            Recall::Remembered => Ok(Verified::Cached),
+            // The rest waits on caches and argon2: a large future, boxed so that the warm
+            // path's stays small.
+            Recall::Unremembered(key) => {
+                Box::pin(self.verify_unremembered(entry, key, client)).await
+            }
         }
-        // The rest waits on caches and argon2: a large future, boxed so that the warm path's
-        // (part of every request's) stays small.
-        Box::pin(self.verify_unremembered(entry, key, client, digest)).await
     }
 
     /// `verify`'s warm path, which needs no waiting: whether this entry already verified this
     /// secret. No shared cache is touched (its bookkeeping would bounce between cores on every
-    /// request for a busy key). A `false` is no verdict: `verify` decides.
-    pub fn remembered(&self, entry: &KeyEntry, key: &ParsedKey<'_>) -> bool {
-        self.remembered_digest(entry, &self.digest(key))
-    }
-
-    fn remembered_digest(&self, entry: &KeyEntry, digest: &Digest) -> bool {
-        let hit = entry.verified_digest() == Some(digest);
-        if hit {
+    /// request for a busy key).
+    pub fn recall(&self, entry: &KeyEntry, key: &ParsedKey<'_>) -> Recall {
+        let digest = *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes();
+        if entry.verified_digest() == Some(&digest) {
             self.stats.cache_hits.inc();
+            Recall::Remembered
+        } else {
+            Recall::Unremembered(Unremembered {
+                digest,
+                prefix: key.prefix,
+                secret: key.secret_text().to_owned(),
+            })
         }
-        hit
     }
 
-    fn digest(&self, key: &ParsedKey<'_>) -> Digest {
-        *blake3::keyed_hash(&self.digest_key, key.secret_text().as_bytes()).as_bytes()
-    }
-
-    /// `verify` for a secret this entry has not verified: the shared caches (a rebuilt entry
-    /// asks the verified cache once, then remembers), then argon2.
-    async fn verify_unremembered(
+    /// `verify` for a secret `recall` found `entry` has not verified: the shared caches (a
+    /// rebuilt entry asks the verified cache once, then remembers), then argon2.
+    pub async fn verify_unremembered(
         &self,
         entry: &KeyEntry,
-        key: &ParsedKey<'_>,
+        Unremembered {
+            digest,
+            prefix,
+            secret,
+        }: Unremembered,
         client: IpAddr,
-        digest: Digest,
     ) -> Result<Verified, VerifyError> {
         if self.verified.get(&digest).await == Some(entry.id()) {
             entry.remember_verified(digest);
@@ -162,7 +179,7 @@ impl Verifier {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(VerifyError::Mismatch);
         }
-        if let Err(wait) = self.throttle.check(&key.prefix, client) {
+        if let Err(wait) = self.throttle.check(&prefix, client) {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(VerifyError::Throttled(wait));
         }
@@ -173,7 +190,6 @@ impl Verifier {
 
         let id = entry.id();
         let hash = entry.hash().into_owned();
-        let secret = key.secret_text().to_owned();
         let workers = self.workers.clone();
         let stats = &self.stats;
         let observer = &self.argon2_observer;
@@ -216,7 +232,7 @@ impl Verifier {
             }
             Err(_) => {
                 self.failed.insert(digest, ()).await;
-                self.throttle.record_failure(&key.prefix, client);
+                self.throttle.record_failure(&prefix, client);
                 Err(VerifyError::Mismatch)
             }
         }

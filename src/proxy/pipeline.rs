@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use super::body::{DataOnly, IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
-    set_forwarding, strip_response, CredentialError, Forwarding, KeySource, Scan, Strip,
+    set_forwarding, strip_response, CredentialError, Forwarding, Scan, Strip,
     X_KEYGATE_KEY_EXPIRES_AT, X_REQUEST_ID,
 };
 use super::path::canonical_path;
@@ -26,7 +26,7 @@ use super::worker_keys::Found;
 use super::worker_keys::LocalKey;
 use super::{ProxyState, Worker};
 use crate::audit::ProxiedRequest;
-use crate::keys::{self, KeyPrefix, KeyState, ParsedKey, VerifyError};
+use crate::keys::{self, KeyPrefix, KeyState, ParsedKey, Recall, Unremembered, VerifyError};
 use crate::metrics::{AuthReason, Outcome, UpstreamFailure};
 
 /// The client connection a request arrived on, and the upstream side serving it.
@@ -55,8 +55,9 @@ struct Trail {
     entry: Option<Found>,
 }
 
-/// An authorised request: where it goes, whose key carried it, what to strip from it, and
-/// when it was decided. Owned, so the forwarding future can hold it beside the request.
+/// An admitted request: where it goes, whose key carried it, what to strip from it, and when
+/// it was decided. `conclude` checks the route's scope before it is forwarded. Owned, so the
+/// forwarding future can hold it beside the request.
 struct Grant {
     /// The route's position in the connection's router.
     route: usize,
@@ -67,13 +68,10 @@ struct Grant {
     now_ms: i64,
 }
 
-/// Steps 1–5 up to verification: the route, the key and its live entry.
+/// Steps 1–5 up to verification: the key, and the grant it claims (route and live entry).
 struct Admitted<'r> {
-    route: usize,
-    source: KeySource,
     key: ParsedKey<'r>,
-    found: Found,
-    now_ms: i64,
+    grant: Grant,
 }
 
 /// What every response takes from its request once the pipeline is done with it.
@@ -112,7 +110,8 @@ impl Finish {
 /// response and never builds or polls the forwarding future (−700 instructions per 401). That
 /// future is not boxed: at 1.4 KB it is past glibc's per-thread cache, and the allocation cost
 /// more than the moves it saved. A key this process has not verified yet takes a boxed future
-/// of its own, which keeps the verification's state out of every other request's future.
+/// of its own, which keeps the verification's state out of every other request's future; it
+/// starts from what steps 1–5 found here, so they run once whatever the key.
 ///
 /// Every future here comes from a function returning an `async move` block rather than an
 /// `async fn`: an `async fn` stores its arguments and the locals they are moved into side by
@@ -128,21 +127,21 @@ pub(super) fn handle(
     let mut trail = Trail::default();
     let decided = admit(state, &conn, &req, &scan, &mut trail).and_then(|admitted| {
         // The warm path: this key's entry already verified this secret.
-        if state
+        match state
             .verifier
-            .remembered(admitted.found.entry(), &admitted.key)
+            .recall(admitted.grant.entry.entry(), &admitted.key)
         {
-            conclude(&conn, admitted, &scan, &mut trail).map(Some)
-        } else {
-            Ok(None)
+            Recall::Remembered => conclude(&conn, admitted.grant, &mut trail).map(Ok),
+            Recall::Unremembered(key) => Ok(Err((admitted.grant, key))),
         }
     });
     let decided = match decided {
-        Ok(Some(grant)) => Ok(grant),
+        Ok(Ok(grant)) => Ok(grant),
         Err(rejection) => Err(rejection),
-        Ok(None) => {
-            let verifying: BoxFuture<'static, _> =
-                Box::pin(verify_and_forward(conn, req, request_id, started));
+        Ok(Err((grant, key))) => {
+            let verifying: BoxFuture<'static, _> = Box::pin(verify_and_forward(
+                conn, req, request_id, started, trail, grant, key,
+            ));
             return Either::Right(verifying);
         }
     };
@@ -154,28 +153,25 @@ pub(super) fn handle(
     }
 }
 
-/// The pipeline for a key this process has not verified: steps 1–5 again (nothing before
-/// verification has an effect, and the table may have moved on since), the verification
-/// itself, then as `handle`.
+/// The pipeline for a key its entry has not verified, from where `handle` left it: the
+/// verification (step 5), then as `handle`.
 #[allow(clippy::manual_async_fn)] // not an `async fn` on purpose: see `handle`
 fn verify_and_forward(
     conn: Conn,
     req: Request<Incoming>,
     request_id: HeaderValue,
     started: Instant,
+    mut trail: Trail,
+    grant: Grant,
+    key: Unremembered,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
     async move {
         let state = &*conn.worker.state;
-        let mut trail = Trail::default();
         let authorised = {
             // In flight until the verdict; `forward` counts the rest.
             let _in_flight = state.metrics.in_flight();
-            let scan = Scan::of(req.headers());
-            match admit(state, &conn, &req, &scan, &mut trail) {
-                Ok(admitted) => match verify(state, &conn, &admitted).await {
-                    Ok(()) => conclude(&conn, admitted, &scan, &mut trail),
-                    Err(rejection) => Err(rejection),
-                },
+            match verify(state, &conn, &grant, key).await {
+                Ok(()) => conclude(&conn, grant, &mut trail),
                 Err(rejection) => Err(rejection),
             }
         };
@@ -432,19 +428,27 @@ fn admit<'r>(
         KeyState::Expired => return Err(Rejection::Unauthorized(AuthFailure::Expired)),
     }
     Ok(Admitted {
-        route,
-        source,
         key,
-        found,
-        now_ms,
+        grant: Grant {
+            route,
+            entry: found,
+            strip: scan.strip(Some(source)),
+            host: scan.host.cloned(),
+            now_ms,
+        },
     })
 }
 
 /// Step 5 for a secret this entry has not verified: the shared caches, then argon2.
-async fn verify(state: &ProxyState, conn: &Conn, admitted: &Admitted<'_>) -> Result<(), Rejection> {
+async fn verify(
+    state: &ProxyState,
+    conn: &Conn,
+    grant: &Grant,
+    key: Unremembered,
+) -> Result<(), Rejection> {
     state
         .verifier
-        .verify(admitted.found.entry(), &admitted.key, conn.peer.ip())
+        .verify_unremembered(grant.entry.entry(), key, conn.peer.ip())
         .await
         .map(drop)
         .map_err(|e| match e {
@@ -458,25 +462,14 @@ async fn verify(state: &ProxyState, conn: &Conn, admitted: &Admitted<'_>) -> Res
 }
 
 /// Step 6, once the secret verified: the scope check.
-fn conclude(
-    conn: &Conn,
-    admitted: Admitted<'_>,
-    scan: &Scan<'_>,
-    trail: &mut Trail,
-) -> Result<Grant, Rejection> {
-    let entry = conn.worker.keys.keep(admitted.found);
-    let scope = &conn.router.route(admitted.route).scope;
-    if !entry.entry().scopes().contains(scope) {
-        trail.entry = Some(entry);
+fn conclude(conn: &Conn, mut grant: Grant, trail: &mut Trail) -> Result<Grant, Rejection> {
+    grant.entry = conn.worker.keys.keep(grant.entry);
+    let scope = &conn.router.route(grant.route).scope;
+    if !grant.entry.entry().scopes().contains(scope) {
+        trail.entry = Some(grant.entry);
         return Err(Rejection::Forbidden(scope.clone()));
     }
-    Ok(Grant {
-        route: admitted.route,
-        entry,
-        strip: scan.strip(Some(admitted.source)),
-        host: scan.host.cloned(),
-        now_ms: admitted.now_ms,
-    })
+    Ok(grant)
 }
 
 /// What hyper accepts but an upstream or a middlebox could read differently: refused.
