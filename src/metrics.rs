@@ -407,6 +407,17 @@ impl Metrics {
         InFlight(&self.in_flight)
     }
 
+    /// `in_flight` for a holder that cannot keep a guard (a future that owns what the guard
+    /// would borrow): it must call `left_flight` once, when it is dropped.
+    pub fn entered_flight(&self) {
+        self.in_flight.add(1);
+    }
+
+    /// Ends an `entered_flight`.
+    pub fn left_flight(&self) {
+        self.in_flight.add(-1);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

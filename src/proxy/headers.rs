@@ -101,7 +101,8 @@ impl<'h> Scan<'h> {
     }
 
     /// Finds the key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. An Authorization
-    /// header with another scheme is not a key and is left for the upstream.
+    /// header with another scheme is not a key and is left for the upstream. The token is not
+    /// checked here beyond being UTF-8: `keys::parse` admits only the key's own characters.
     pub fn key(&self) -> Result<(KeySource, &'h str), CredentialError> {
         let mut found: Option<(KeySource, &str)> = None;
         if let Some(value) = self.authorization {
@@ -110,26 +111,14 @@ impl<'h> Scan<'h> {
             }
             let bytes = value.as_bytes();
             if bytes.len() >= 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-                let token =
-                    value.to_str().map_err(|_| CredentialError::Malformed)?[7..].trim_matches(' ');
-                if token.is_empty() {
-                    return Err(CredentialError::Malformed);
-                }
-                found = Some((KeySource::Authorization, token));
+                found = Some((KeySource::Authorization, token(&bytes[7..])?));
             }
         }
         if let Some(value) = self.api_key {
             if self.api_keys > 1 || found.is_some() {
                 return Err(CredentialError::Ambiguous);
             }
-            let token = value
-                .to_str()
-                .map_err(|_| CredentialError::Malformed)?
-                .trim_matches(' ');
-            if token.is_empty() {
-                return Err(CredentialError::Malformed);
-            }
-            found = Some((KeySource::XApiKey, token));
+            found = Some((KeySource::XApiKey, token(value.as_bytes())?));
         }
         found.ok_or(CredentialError::Missing)
     }
@@ -142,6 +131,19 @@ impl<'h> Scan<'h> {
             hop_by_hop: self.hop_by_hop,
             reserved: self.reserved,
         }
+    }
+}
+
+/// A credential's text without the spaces around it; empty or not UTF-8 is malformed.
+fn token(bytes: &[u8]) -> Result<&str, CredentialError> {
+    let start = bytes.iter().position(|&b| b != b' ').unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != b' ')
+        .map_or(start, |i| i + 1);
+    match std::str::from_utf8(&bytes[start..end]) {
+        Ok(text) if !text.is_empty() => Ok(text),
+        _ => Err(CredentialError::Malformed),
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::future::{ready, Future, Ready};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, Either};
@@ -11,6 +13,7 @@ use http::header::HeaderValue;
 use http::uri::{Parts, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use pin_project_lite::pin_project;
 
 use super::body::{DataOnly, IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
@@ -20,7 +23,7 @@ use super::headers::{
 };
 use super::path::canonical_path;
 use super::route::{Route, Router};
-use super::upstream::{self, Dedicated, OutboundBody, SendError};
+use super::upstream::{self, Answer, Dedicated, OutboundBody, QueuedAnswer, SendError, Sending};
 use super::worker_keys::Found;
 #[cfg(feature = "bench-passthrough")]
 use super::worker_keys::LocalKey;
@@ -168,7 +171,7 @@ fn verify_and_forward(
     async move {
         let state = &*conn.worker.state;
         let authorised = {
-            // In flight until the verdict; `forward` counts the rest.
+            // In flight until the verdict; `Forward` counts the rest.
             let _in_flight = state.metrics.in_flight();
             match verify(state, &conn, &grant, key).await {
                 Ok(()) => conclude(&conn, grant, &mut trail),
@@ -184,10 +187,9 @@ fn verify_and_forward(
     }
 }
 
-/// Step 7, the request as the upstream gets it, then the future that sends it; or the refusal
-/// when it cannot be sent. The request is rewritten before that future exists, so the future
-/// holds only the rewritten one (2.0 KB when it held both, now 1.4 KB: hyper moves it into
-/// place for every request).
+/// Steps 7 and 8's first half, before any future exists: the request as the upstream gets
+/// it, handed to the upstream side; then the future that waits for the answer. Or the refusal
+/// when it cannot be sent.
 fn start_forward(
     conn: Conn,
     req: Request<Incoming>,
@@ -199,7 +201,20 @@ fn start_forward(
     let state = &*conn.worker.state;
     let route = conn.router.route(grant.route);
     match outbound(state, &conn, route, &mut grant, req, &finish.request_id) {
-        Ok(out) => Either::Right(forward(conn, out, grant, finish, authorised_at)),
+        Ok(out) => {
+            let sending = conn
+                .worker
+                .client
+                .send(&conn.own, route, out.dedicated, out.request);
+            Either::Right(Forward::new(
+                conn,
+                sending,
+                out.audited,
+                authorised_at,
+                grant,
+                Ending::Counted(finish),
+            ))
+        }
         Err(rejection) => {
             finish.trail.entry = Some(grant.entry);
             Either::Left(ready(refuse(&conn, rejection, finish)))
@@ -207,33 +222,116 @@ fn start_forward(
     }
 }
 
-/// Steps 8–9: send, then the response as the client gets it.
-#[allow(clippy::manual_async_fn)] // not an `async fn` on purpose: see `handle`
-fn forward(
-    conn: Conn,
-    out: Outbound,
-    grant: Grant,
-    mut finish: Finish,
-    authorised_at: Instant,
-) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
-    async move {
-        let conn = &conn;
-        let state = &*conn.worker.state;
-        let _in_flight = state.metrics.in_flight();
-        let route = conn.router.route(grant.route);
-        let (sending, audited) = out.send(conn, route);
-        let response = sending.await;
-        let result = answer(state, conn, route, &grant, response, audited, authorised_at);
-        let upstream_ms = if state.access_log {
-            authorised_at.elapsed().as_millis() as u64
-        } else {
-            0
-        };
-        finish.trail.entry = Some(grant.entry);
-        match result {
-            Ok(response) => complete(conn, response, Outcome::Allowed, "-", finish, upstream_ms),
-            Err(rejection) => refuse_after(conn, rejection, finish, upstream_ms),
+/// How a forwarded request's response is finished.
+enum Ending {
+    /// Counted, logged and given its request id (`complete`).
+    Counted(Finish),
+    /// Given its request id only (the bench-only pass-through).
+    #[cfg(feature = "bench-passthrough")]
+    Bare(HeaderValue),
+}
+
+pin_project! {
+    /// Steps 8–9 once the request is with the upstream side: its response as the client gets
+    /// it. A hand-written future, not an `async` block: a block keeps what it captures for its
+    /// whole life and moves what it awaits into a slot of its own, so the request in `sending`
+    /// would be carried twice. This holds it once; hyper moves this future into place for
+    /// every request.
+    struct Forward<Q, P> {
+        conn: Conn,
+        audited: Audited,
+        authorised_at: Instant,
+        // Taken when the response is ready.
+        done: Option<(Grant, Ending)>,
+        #[pin]
+        sending: Sending<Q, P>,
+    }
+
+    impl<Q, P> PinnedDrop for Forward<Q, P> {
+        fn drop(this: Pin<&mut Self>) {
+            this.conn.worker.state.metrics.left_flight();
         }
+    }
+}
+
+impl<Q, P> Forward<Q, P> {
+    fn new(
+        conn: Conn,
+        sending: Sending<Q, P>,
+        audited: Audited,
+        authorised_at: Instant,
+        grant: Grant,
+        ending: Ending,
+    ) -> Forward<Q, P> {
+        // In flight until the future is dropped, answered or not.
+        conn.worker.state.metrics.entered_flight();
+        Forward {
+            conn,
+            audited,
+            authorised_at,
+            done: Some((grant, ending)),
+            sending,
+        }
+    }
+}
+
+impl<Q, P> Future for Forward<Q, P>
+where
+    Q: Future<Output = QueuedAnswer>,
+    P: Future<Output = Answer>,
+{
+    type Output = Response<ProxyBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<ProxyBody>> {
+        let this = self.project();
+        let conn = &*this.conn;
+        // Only `None` once answered: hyper never polls a finished future.
+        let Some(route) = this.done.as_ref().map(|(g, _)| conn.router.route(g.route)) else {
+            return Poll::Pending;
+        };
+        let response = ready!(this.sending.poll_response(
+            cx,
+            &conn.worker.client,
+            &conn.own,
+            &route.upstream.authority,
+        ));
+        let Some((grant, ending)) = this.done.take() else {
+            return Poll::Pending;
+        };
+        let state = &*conn.worker.state;
+        let result = answer(
+            state,
+            conn,
+            route,
+            &grant,
+            response,
+            this.audited.take(),
+            *this.authorised_at,
+        );
+        Poll::Ready(match ending {
+            Ending::Counted(mut finish) => {
+                let upstream_ms = if state.access_log {
+                    this.authorised_at.elapsed().as_millis() as u64
+                } else {
+                    0
+                };
+                finish.trail.entry = Some(grant.entry);
+                match result {
+                    Ok(response) => {
+                        complete(conn, response, Outcome::Allowed, "-", finish, upstream_ms)
+                    }
+                    Err(rejection) => refuse_after(conn, rejection, finish, upstream_ms),
+                }
+            }
+            #[cfg(feature = "bench-passthrough")]
+            Ending::Bare(request_id) => match result {
+                Ok(mut response) => {
+                    response.headers_mut().insert(&X_REQUEST_ID, request_id);
+                    response
+                }
+                Err(rejection) => rejection.into_response(),
+            },
+        })
     }
 }
 
@@ -339,33 +437,25 @@ pub(super) fn passthrough(
         host: scan.host.cloned(),
         now_ms: state.clock.now_ms(),
     };
-    // As `start_forward` and `forward` forward.
+    // As `start_forward` forwards.
     let sent = Instant::now();
-    let out = match outbound(
-        state,
-        &conn,
-        conn.router.route(at),
-        &mut grant,
-        req,
-        &request_id,
-    ) {
+    let route = conn.router.route(at);
+    let out = match outbound(state, &conn, route, &mut grant, req, &request_id) {
         Ok(out) => out,
         Err(rejection) => return Either::Left(ready(rejection.into_response())),
     };
-    Either::Right(async move {
-        let conn = &conn;
-        let state = &*conn.worker.state;
-        let route = conn.router.route(grant.route);
-        let (sending, audited) = out.send(conn, route);
-        let response = sending.await;
-        match answer(state, conn, route, &grant, response, audited, sent) {
-            Ok(mut response) => {
-                response.headers_mut().insert(&X_REQUEST_ID, request_id);
-                response
-            }
-            Err(rejection) => rejection.into_response(),
-        }
-    })
+    let sending = conn
+        .worker
+        .client
+        .send(&conn.own, route, out.dedicated, out.request);
+    Either::Right(Forward::new(
+        conn,
+        sending,
+        out.audited,
+        sent,
+        grant,
+        Ending::Bare(request_id),
+    ))
 }
 
 /// Steps 1–5 short of verifying the secret: everything that can refuse a request without
@@ -508,27 +598,6 @@ struct Outbound {
     audited: Audited,
     /// Whether the request goes on the client connection's own upstream connection.
     dedicated: bool,
-}
-
-impl Outbound {
-    /// Step 8: sends the request upstream, on the client connection's own upstream connection
-    /// or through the worker's pool; with the method and path to audit once it is answered.
-    fn send<'a>(
-        self,
-        conn: &'a Conn,
-        route: &'a Route,
-    ) -> (
-        impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a,
-        Audited,
-    ) {
-        let client = &conn.worker.client;
-        let sending = if self.dedicated {
-            Either::Left(client.send_dedicated(&conn.own, &route.upstream.authority, self.request))
-        } else {
-            Either::Right(client.send_pooled(route, self.request))
-        };
-        (sending, self.audited)
-    }
 }
 
 /// Step 7: the request as the upstream gets it. Also records the use (step 9's stamp).

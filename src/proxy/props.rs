@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 use super::headers::{extract_key, strip_request, KeySource};
 use super::path::canonical_path;
+use super::path::tests::three_pass;
 use super::route::Router;
 use crate::config::Config;
 use crate::keys::{generate, parse, KeyKind, KEY_LEN};
@@ -107,6 +108,11 @@ proptest! {
                 prop_assert!(name != "." && name != "..", "{text}");
             }
         }
+    }
+
+    #[test]
+    fn the_one_pass_path_check_agrees_with_the_three_pass_one(path in path_bytes()) {
+        prop_assert_eq!(canonical_path(&path), three_pass(&path), "{}", String::from_utf8_lossy(&path));
     }
 
     #[test]

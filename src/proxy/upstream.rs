@@ -8,14 +8,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, TrySendError};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -36,6 +36,12 @@ use crate::tls::{self, TlsError};
 pub type OutboundBody = IdleTimeout<DataOnly<Incoming>>;
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, OutboundBody>;
+
+/// The upstream's response head, or why there is none.
+pub type Answer = Result<Response<Incoming>, SendError>;
+
+/// hyper's answer to a request queued on a connection: it gives back a request it never wrote.
+pub type QueuedAnswer = Result<Response<Incoming>, TrySendError<Request<OutboundBody>>>;
 
 /// Why a request could not be sent upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,143 +94,268 @@ impl UpstreamClient {
         })
     }
 
-    /// Sends `req` to `route`'s upstream through a shared pool and waits for the response head.
-    pub async fn send_pooled(
+    /// Step 8's first half, without waiting: hands `req` to hyper. A request for the client
+    /// connection's own upstream connection is queued on it when that connection is open and
+    /// ready (nearly always, after the first request); otherwise the opening, or the wait,
+    /// goes into a boxed future. The result borrows nothing, so the request's future can own
+    /// it beside the connection it is polled with, and the request is held once, inside
+    /// hyper's send, rather than once per layer of futures.
+    pub fn send(
+        &self,
+        own: &Arc<Dedicated>,
+        route: &Route,
+        dedicated: bool,
+        req: Request<OutboundBody>,
+    ) -> Sending<
+        impl Future<Output = QueuedAnswer> + Send + 'static,
+        impl Future<Output = Answer> + Send + 'static,
+    > {
+        if !dedicated {
+            return Sending::Pooled {
+                fut: self.send_pooled(route, req),
+            };
+        }
+        let authority = &route.upstream.authority;
+        match own.take_sender(authority) {
+            Some(mut sender) if sender.is_ready() => {
+                own.arm(self.response_timeout);
+                let fut = sender.try_send_request(req);
+                Sending::Queued {
+                    sender: Some(sender),
+                    fut,
+                }
+            }
+            reused => Sending::Later {
+                fut: Box::pin(send_dedicated(
+                    self.response_timeout,
+                    own.clone(),
+                    authority.clone(),
+                    reused,
+                    req,
+                    2,
+                )),
+            },
+        }
+    }
+
+    /// Sends `req` to `route`'s upstream through a shared pool, under the response timeout.
+    fn send_pooled(
         &self,
         route: &Route,
         req: Request<OutboundBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> impl Future<Output = Answer> + Send + 'static {
         let sent = if route.upstream.scheme == Scheme::HTTPS {
             match self.https.iter().find(|(name, _)| *name == route.name) {
-                Some((_, client)) => client.request(req),
+                Some((_, client)) => Some(client.request(req)),
                 // Pools are built for the https routes known at start; a route added by a reload
                 // needs a restart. Never fall back to clear text.
                 None => {
                     tracing::warn!(route = %route.name, "no TLS pool for this https route; restart keygate to add one");
-                    return Err(SendError::Upstream(UpstreamFailure::Connect));
+                    None
                 }
             }
         } else {
-            self.pool.request(req)
+            Some(self.pool.request(req))
         };
-        match tokio::time::timeout(self.response_timeout, sent).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if caused_by_client_body(&e) => {
-                tracing::info!(error = %error_chain(&e), "client request body failed while forwarding");
-                Err(SendError::ClientBody)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
-                Err(SendError::Upstream(if e.is_connect() {
-                    UpstreamFailure::Connect
-                } else {
-                    UpstreamFailure::Request
-                }))
-            }
-            Err(_) => Err(SendError::Upstream(self.timed_out())),
-        }
-    }
-
-    /// Sends `req` (in origin form) to `authority` on `own`'s upstream connection (opening one
-    /// when there is none, or when it was closed before the request could be written) and
-    /// waits for the response head.
-    ///
-    /// Written as a function returning an `async move` block, not as an `async fn`: an
-    /// `async fn` keeps its arguments and the locals they move into side by side in its state,
-    /// and every request's future (which hyper moves into place once per request) would carry
-    /// the request twice.
-    #[allow(clippy::manual_async_fn)] // see the note above: not an `async fn` on purpose
-    pub fn send_dedicated<'a>(
-        &'a self,
-        own: &'a Dedicated,
-        authority: &'a Authority,
-        mut req: Request<OutboundBody>,
-    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'a {
+        let limit = self.response_timeout;
         async move {
-            let mut reused = own.take_sender(authority);
-            for _ in 0..2 {
-                let mut sender = match reused.take() {
-                    Some(s) => s,
-                    // Boxed: connecting is rare, and its future would otherwise enlarge every
-                    // request's.
-                    None => Box::pin(self.connect(own, authority))
-                        .await
-                        .map_err(SendError::Upstream)?,
-                };
-                if !sender.is_ready() && sender.ready().await.is_err() {
-                    // Closed while idle (the upstream's keep-alive ended): open a fresh one.
-                    continue;
+            let Some(sent) = sent else {
+                return Err(SendError::Upstream(UpstreamFailure::Connect));
+            };
+            match tokio::time::timeout(limit, sent).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) if caused_by_client_body(&e) => {
+                    tracing::info!(error = %error_chain(&e), "client request body failed while forwarding");
+                    Err(SendError::ClientBody)
                 }
-                match own
-                    .within(self.response_timeout, sender.try_send_request(req))
-                    .await
-                {
-                    Ok(Ok(response)) => {
-                        own.put_sender(authority, sender);
-                        return Ok(response);
-                    }
-                    Ok(Err(mut e)) => match e.take_message() {
-                        // Never written: safe to send again on a new connection.
-                        Some(unsent) => req = unsent,
-                        None if caused_by_client_body(e.error()) => {
-                            tracing::info!(error = %error_chain(e.error()), "client request body failed while forwarding");
-                            own.close();
-                            return Err(SendError::ClientBody);
-                        }
-                        None => {
-                            tracing::warn!(error = %error_chain(e.error()), "upstream request failed");
-                            return Err(SendError::Upstream(UpstreamFailure::Request));
-                        }
-                    },
-                    Err(TimedOut) => {
-                        // The connection still carries the abandoned request: never reuse it.
-                        own.close();
-                        return Err(SendError::Upstream(self.timed_out()));
-                    }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), connect = e.is_connect(), "upstream request failed");
+                    Err(SendError::Upstream(if e.is_connect() {
+                        UpstreamFailure::Connect
+                    } else {
+                        UpstreamFailure::Request
+                    }))
                 }
+                Err(_) => Err(SendError::Upstream(timed_out(limit))),
             }
-            tracing::warn!(upstream = %authority, "upstream closed two connections before a request could be sent");
-            Err(SendError::Upstream(UpstreamFailure::Request))
         }
     }
+}
 
-    async fn connect(
-        &self,
-        own: &Dedicated,
+type BoxedSend = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+pin_project! {
+    /// A request handed to the upstream side by `UpstreamClient::send`; `poll_response` yields
+    /// its response head.
+    #[project = SendingProj]
+    pub enum Sending<Q, P> {
+        /// Queued on the client connection's own upstream connection, whose sender goes back
+        /// once the response head is in.
+        Queued {
+            sender: Option<http1::SendRequest<OutboundBody>>,
+            #[pin]
+            fut: Q,
+        },
+        /// Through a shared pool.
+        Pooled {
+            #[pin]
+            fut: P,
+        },
+        /// For the own connection once it is open (or ready, or open again).
+        Later { fut: BoxedSend },
+    }
+}
+
+impl<Q, P> Sending<Q, P>
+where
+    Q: Future<Output = QueuedAnswer>,
+    P: Future<Output = Answer>,
+{
+    /// The response head, or why there is none. `own` and `authority` are the ones the
+    /// request was sent with.
+    pub fn poll_response(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        client: &UpstreamClient,
+        own: &Arc<Dedicated>,
         authority: &Authority,
-    ) -> Result<http1::SendRequest<OutboundBody>, UpstreamFailure> {
-        let address = match authority.port_u16() {
-            Some(_) => authority.as_str().to_string(),
-            None => format!("{}:80", authority.host()),
-        };
-        let stream =
-            match tokio::time::timeout(self.response_timeout, TcpStream::connect(&address)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::warn!(upstream = %address, error = %e, "cannot connect to upstream");
-                    return Err(UpstreamFailure::Connect);
-                }
-                Err(_) => return Err(self.timed_out()),
+    ) -> Poll<Answer> {
+        loop {
+            let unsent = match self.as_mut().project() {
+                SendingProj::Pooled { fut } => return fut.poll(cx),
+                SendingProj::Later { fut } => return fut.as_mut().poll(cx),
+                SendingProj::Queued { sender, fut } => match fut.poll(cx) {
+                    Poll::Ready(Ok(response)) => {
+                        if let Some(sender) = sender.take() {
+                            own.put_sender(authority, sender);
+                        }
+                        return Poll::Ready(Ok(response));
+                    }
+                    Poll::Ready(Err(mut e)) => match e.take_message() {
+                        Some(unsent) => unsent,
+                        None => return Poll::Ready(Err(failed(own, e.error()))),
+                    },
+                    Poll::Pending => {
+                        return match own.poll_deadline(cx) {
+                            Poll::Ready(()) => {
+                                // The connection still carries the abandoned request: never reuse it.
+                                own.close();
+                                Poll::Ready(Err(SendError::Upstream(timed_out(
+                                    client.response_timeout,
+                                ))))
+                            }
+                            Poll::Pending => Poll::Pending,
+                        };
+                    }
+                },
             };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| {
-                tracing::warn!(upstream = %address, error = %e, "upstream handshake failed");
-                UpstreamFailure::Connect
-            })?;
-        own.install(authority.clone(), connection);
-        Ok(sender)
+            // Never written (the connection closed first): safe to send again on a new one.
+            self.set(Sending::Later {
+                fut: Box::pin(send_dedicated(
+                    client.response_timeout,
+                    own.clone(),
+                    authority.clone(),
+                    None,
+                    unsent,
+                    1,
+                )),
+            });
+        }
     }
+}
 
-    fn timed_out(&self) -> UpstreamFailure {
-        tracing::warn!(
-            timeout_ms = self.response_timeout.as_millis() as u64,
-            "upstream did not answer in time"
-        );
-        UpstreamFailure::Timeout
+/// Sends `req` (in origin form) to `authority` on `own`'s upstream connection, opening one when
+/// there is none (or when it was closed before the request could be written, up to `attempts`
+/// times), and waits for the response head.
+async fn send_dedicated(
+    limit: Duration,
+    own: Arc<Dedicated>,
+    authority: Authority,
+    mut reused: Option<http1::SendRequest<OutboundBody>>,
+    mut req: Request<OutboundBody>,
+    attempts: usize,
+) -> Result<Response<Incoming>, SendError> {
+    for _ in 0..attempts {
+        let mut sender = match reused.take() {
+            Some(s) => s,
+            None => connect(limit, &own, &authority)
+                .await
+                .map_err(SendError::Upstream)?,
+        };
+        if !sender.is_ready() && sender.ready().await.is_err() {
+            // Closed while idle (the upstream's keep-alive ended): open a fresh one.
+            continue;
+        }
+        own.arm(limit);
+        match own.within(sender.try_send_request(req)).await {
+            Ok(Ok(response)) => {
+                own.put_sender(&authority, sender);
+                return Ok(response);
+            }
+            Ok(Err(mut e)) => match e.take_message() {
+                // Never written: safe to send again on a new connection.
+                Some(unsent) => req = unsent,
+                None => return Err(failed(&own, e.error())),
+            },
+            Err(TimedOut) => {
+                // The connection still carries the abandoned request: never reuse it.
+                own.close();
+                return Err(SendError::Upstream(timed_out(limit)));
+            }
+        }
     }
+    tracing::warn!(upstream = %authority, "upstream closed two connections before a request could be sent");
+    Err(SendError::Upstream(UpstreamFailure::Request))
+}
+
+/// A request on the own connection failed after it was (or may have been) written.
+fn failed(own: &Dedicated, error: &hyper::Error) -> SendError {
+    if caused_by_client_body(error) {
+        tracing::info!(error = %error_chain(error), "client request body failed while forwarding");
+        own.close();
+        SendError::ClientBody
+    } else {
+        tracing::warn!(error = %error_chain(error), "upstream request failed");
+        SendError::Upstream(UpstreamFailure::Request)
+    }
+}
+
+/// Opens an upstream connection for `own`, under the response timeout.
+async fn connect(
+    limit: Duration,
+    own: &Dedicated,
+    authority: &Authority,
+) -> Result<http1::SendRequest<OutboundBody>, UpstreamFailure> {
+    let address = match authority.port_u16() {
+        Some(_) => authority.as_str().to_string(),
+        None => format!("{}:80", authority.host()),
+    };
+    let stream = match tokio::time::timeout(limit, TcpStream::connect(&address)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %address, error = %e, "cannot connect to upstream");
+            return Err(UpstreamFailure::Connect);
+        }
+        Err(_) => return Err(timed_out(limit)),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| {
+            tracing::warn!(upstream = %address, error = %e, "upstream handshake failed");
+            UpstreamFailure::Connect
+        })?;
+    own.install(authority.clone(), connection);
+    Ok(sender)
+}
+
+fn timed_out(limit: Duration) -> UpstreamFailure {
+    tracing::warn!(
+        timeout_ms = limit.as_millis() as u64,
+        "upstream did not answer in time"
+    );
+    UpstreamFailure::Timeout
 }
 
 /// The upstream connection owned by one HTTP/1 client connection. `drive` must be polled by
@@ -266,31 +397,34 @@ impl<F: Future> Future for Within<'_, F> {
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        match this
-            .own
-            .lock()
-            .deadline
-            .as_mut()
-            .map(|s| s.as_mut().poll(cx))
-        {
-            Some(Poll::Ready(())) => Poll::Ready(Err(TimedOut)),
-            _ => Poll::Pending,
-        }
+        this.own.poll_deadline(cx).map(|()| Err(TimedOut))
     }
 }
 
 impl Dedicated {
-    /// Runs `fut` for at most `limit`, on this connection's own timer. A fresh timer per
-    /// request would be inserted into and removed from the runtime's timer wheel each time;
-    /// moving an armed timer's deadline later only stores the new deadline, and the wheel
+    /// Sets the response deadline `limit` from now, on this connection's own timer. A fresh
+    /// timer per request would be inserted into and removed from the runtime's timer wheel each
+    /// time; moving an armed timer's deadline later only stores the new deadline, and the wheel
     /// re-files the timer if its old deadline comes first.
-    fn within<F: Future>(&self, limit: Duration, fut: F) -> Within<'_, F> {
+    fn arm(&self, limit: Duration) {
         let at = tokio::time::Instant::now() + limit;
         let mut inner = self.lock();
         match inner.deadline.as_mut() {
             Some(sleep) => sleep.as_mut().reset(at),
             None => inner.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
         }
+    }
+
+    /// Whether the deadline `arm` set has passed (registering `cx` to hear when it does).
+    fn poll_deadline(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.lock().deadline.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// `fut`'s output, or `TimedOut` once the deadline `arm` set passes.
+    fn within<F: Future>(&self, fut: F) -> Within<'_, F> {
         Within { own: self, fut }
     }
 
