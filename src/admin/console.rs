@@ -11,7 +11,7 @@ use std::sync::Arc;
 use askama::Template;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -282,8 +282,19 @@ async fn login_page() -> Response {
 async fn login_form(
     State(state): State<Arc<AdminState>>,
     ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Login CSRF: a page on another site must not sign this browser in to an account of the
+    // attacker's choosing (there is no session yet whose token the form could carry).
+    // Browsers say where a form was sent from; a client that does not say is not a browser
+    // form and is let through.
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| site.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return AdminError::CrossSiteLogin.into_html();
+    }
     let form = Form::parse(&body);
     let email = form.one("email").to_string();
     let result = log_in(

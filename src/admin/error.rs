@@ -25,6 +25,10 @@ pub enum AdminError {
     PairingForbidden,
     #[error("missing or wrong CSRF token")]
     Csrf,
+    #[error(
+        "a sign-in form sent from another site is refused; sign in on keygate's own login page"
+    )]
+    CrossSiteLogin,
     #[error("too many failed logins; try again later")]
     Throttled,
     #[error("wrong email or password")]
@@ -60,9 +64,10 @@ impl AdminError {
     pub fn status(&self) -> StatusCode {
         match self {
             AdminError::Unauthenticated | AdminError::BadLogin => StatusCode::UNAUTHORIZED,
-            AdminError::IssuanceForbidden | AdminError::PairingForbidden | AdminError::Csrf => {
-                StatusCode::FORBIDDEN
-            }
+            AdminError::IssuanceForbidden
+            | AdminError::PairingForbidden
+            | AdminError::Csrf
+            | AdminError::CrossSiteLogin => StatusCode::FORBIDDEN,
             AdminError::Throttled => StatusCode::TOO_MANY_REQUESTS,
             AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -76,7 +81,7 @@ impl AdminError {
         match self {
             AdminError::Unauthenticated => "unauthenticated",
             AdminError::IssuanceForbidden | AdminError::PairingForbidden => "forbidden",
-            AdminError::Csrf => "csrf",
+            AdminError::Csrf | AdminError::CrossSiteLogin => "csrf",
             AdminError::Throttled => "throttled",
             AdminError::BadLogin => "bad_login",
             AdminError::Invalid(_) => "invalid",

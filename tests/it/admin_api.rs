@@ -193,6 +193,37 @@ both_engines! {
 }
 
 both_engines! {
+    async fn the_console_refuses_a_sign_in_form_sent_from_another_site(engine: Engine) {
+        // Login CSRF: a page elsewhere posting valid credentials would sign the victim's
+        // browser in to the attacker's account. Browsers label such a form `cross-site`.
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Admin).await;
+        let form = format!("email=ada%40example.com&password={}", PASSWORD.replace(' ', "+"));
+        let post = |site: Option<&'static str>| {
+            let mut req = Request::post(format!("http://{}/admin/login", app.admin_addr))
+                .header("content-type", "application/x-www-form-urlencoded");
+            if let Some(site) = site {
+                req = req.header("sec-fetch-site", site);
+            }
+            req.body(full(form.clone())).expect("request")
+        };
+        let refused = app.send(post(Some("cross-site"))).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert!(refused.headers.get("set-cookie").is_none(), "no session for a cross-site form");
+        assert!(refused.text().contains("another site"), "{}", refused.text());
+        let logins = |audit: Vec<keygate::store::AuditEntry>| audit.into_iter().filter(|a| a.action.starts_with("user.login")).count();
+        assert_eq!(logins(app.manager.store.audit(100).await.expect("audit")), 0, "refused before the password is checked");
+        // keygate's own page (same-origin), and a client that does not label its requests.
+        for site in [Some("same-origin"), None] {
+            let r = app.send(post(site)).await;
+            assert_eq!(r.status, StatusCode::SEE_OTHER, "{site:?}");
+            assert!(r.headers["set-cookie"].to_str().expect("ascii").starts_with("keygate_session="));
+        }
+        assert_eq!(logins(app.manager.store.audit(100).await.expect("audit")), 2);
+    }
+}
+
+both_engines! {
     async fn failed_logins_are_audited_and_throttled_per_email(engine: Engine) {
         let app = spawn_app(engine).await;
         add_user(&app, "ada@example.com", Role::Owner).await;
