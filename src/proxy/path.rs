@@ -53,20 +53,7 @@ pub fn canonical_path(path: &[u8]) -> Result<(), PathError> {
             b'\\' => return Err(PathError::Backslash),
             b'#' | b' ' | 0..=0x1f | 0x7f..=0xff => return Err(PathError::Forbidden),
             b'%' => {
-                let (Some(h), Some(l)) =
-                    (path.get(i + 1).and_then(hex), path.get(i + 2).and_then(hex))
-                else {
-                    return Err(PathError::BadEncoding);
-                };
-                let byte = h << 4 | l;
-                if byte.is_ascii_alphanumeric()
-                    || b"-._~/\\".contains(&byte)
-                    || byte < 0x20
-                    || byte == 0x7f
-                {
-                    return Err(PathError::AmbiguousEncoding);
-                }
-                has_non_ascii_escape |= byte >= 0x80;
+                has_non_ascii_escape |= escaped(path, i)? >= 0x80;
                 i += 3;
                 continue;
             }
@@ -88,6 +75,22 @@ pub fn canonical_path(path: &[u8]) -> Result<(), PathError> {
         }
     }
     Ok(())
+}
+
+/// The byte the escape at `path[at]` (a `%`) stands for, when it may be escaped: an escape of
+/// an unreserved character, `/`, `\\` or a control character could be read two ways.
+fn escaped(path: &[u8], at: usize) -> Result<u8, PathError> {
+    let (Some(h), Some(l)) = (
+        path.get(at + 1).and_then(hex),
+        path.get(at + 2).and_then(hex),
+    ) else {
+        return Err(PathError::BadEncoding);
+    };
+    let byte = h << 4 | l;
+    if byte.is_ascii_alphanumeric() || b"-._~/\\".contains(&byte) || byte < 0x20 || byte == 0x7f {
+        return Err(PathError::AmbiguousEncoding);
+    }
+    Ok(byte)
 }
 
 fn hex(b: &u8) -> Option<u8> {
@@ -135,20 +138,7 @@ pub(crate) mod tests {
                 b'\\' => return Err(PathError::Backslash),
                 b'#' | b' ' | 0..=0x1f | 0x7f..=0xff => return Err(PathError::Forbidden),
                 b'%' => {
-                    let (Some(h), Some(l)) =
-                        (path.get(i + 1).and_then(hex), path.get(i + 2).and_then(hex))
-                    else {
-                        return Err(PathError::BadEncoding);
-                    };
-                    let byte = h << 4 | l;
-                    if byte.is_ascii_alphanumeric()
-                        || b"-._~/\\".contains(&byte)
-                        || byte < 0x20
-                        || byte == 0x7f
-                    {
-                        return Err(PathError::AmbiguousEncoding);
-                    }
-                    has_non_ascii_escape |= byte >= 0x80;
+                    has_non_ascii_escape |= escaped(path, i)? >= 0x80;
                     i += 3;
                     continue;
                 }

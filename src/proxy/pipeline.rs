@@ -201,25 +201,38 @@ fn start_forward(
     let state = &*conn.worker.state;
     let route = conn.router.route(grant.route);
     match outbound(state, &conn, route, &mut grant, req, &finish.request_id) {
-        Ok(out) => {
-            let sending = conn
-                .worker
-                .client
-                .send(&conn.own, route, out.dedicated, out.request);
-            Either::Right(Forward::new(
-                conn,
-                sending,
-                out.audited,
-                authorised_at,
-                grant,
-                Ending::Counted(finish),
-            ))
-        }
+        Ok(out) => Either::Right(send(
+            conn,
+            out,
+            authorised_at,
+            grant,
+            Ending::Counted(finish),
+        )),
         Err(rejection) => {
             finish.trail.entry = Some(grant.entry);
             Either::Left(ready(refuse(&conn, rejection, finish)))
         }
     }
+}
+
+/// Step 8's first half: hands the request to the upstream side, and returns the future that
+/// waits for the answer.
+fn send(
+    conn: Conn,
+    out: Outbound,
+    authorised_at: Instant,
+    grant: Grant,
+    ending: Ending,
+) -> Forward<
+    impl Future<Output = QueuedAnswer> + Send + 'static,
+    impl Future<Output = Answer> + Send + 'static,
+> {
+    let route = conn.router.route(grant.route);
+    let sending = conn
+        .worker
+        .client
+        .send(&conn.own, route, out.dedicated, out.request);
+    Forward::new(conn, sending, out.audited, authorised_at, grant, ending)
 }
 
 /// How a forwarded request's response is finished.
@@ -444,18 +457,7 @@ pub(super) fn passthrough(
         Ok(out) => out,
         Err(rejection) => return Either::Left(ready(rejection.into_response())),
     };
-    let sending = conn
-        .worker
-        .client
-        .send(&conn.own, route, out.dedicated, out.request);
-    Either::Right(Forward::new(
-        conn,
-        sending,
-        out.audited,
-        sent,
-        grant,
-        Ending::Bare(request_id),
-    ))
+    Either::Right(send(conn, out, sent, grant, Ending::Bare(request_id)))
 }
 
 /// Steps 1–5 short of verifying the secret: everything that can refuse a request without
