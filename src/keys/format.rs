@@ -157,6 +157,14 @@ impl<'a> ParsedKey<'a> {
     pub fn secret_text(&self) -> &'a str {
         self.text
     }
+
+    /// The whole key, copied out of the request without an allocation (`parse` admits only
+    /// keys of exactly `KEY_LEN` ASCII characters); only for hashing.
+    pub fn secret_bytes(&self) -> [u8; KEY_LEN] {
+        let mut bytes = [0u8; KEY_LEN];
+        bytes.copy_from_slice(self.text.as_bytes());
+        bytes
+    }
 }
 
 impl fmt::Debug for ParsedKey<'_> {
