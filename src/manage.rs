@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::clock::{rfc3339, Clock};
 use crate::config::HashingConfig;
 use crate::keys::{self, KeyKind, KeyPrefix, PlaintextKey, Scope, Scopes};
-use crate::store::{Account, AuditEntry, KeyRecord, NewKey, Store, StoreError, User};
+use crate::store::{Account, AuditEntry, KeyRecord, NewKey, Store, StoreError, User, UserChange};
 
 pub use gateway::{gateway_json, gateway_state, validate_gateway_name, PairedGateway};
 
@@ -323,6 +323,75 @@ impl Manager {
                 only_if_none,
                 &audit,
             )
+            .await?)
+    }
+
+    /// Disables a console user: its sessions end at once and it can no longer sign in. The
+    /// last enabled owner cannot be disabled.
+    pub async fn disable_user(&self, email: &str, actor: &Actor) -> Result<User, ManageError> {
+        self.change_user(email, UserChange::Disable, json!({}), actor)
+            .await
+    }
+
+    /// Lets a disabled user sign in again (its old sessions stay ended).
+    pub async fn enable_user(&self, email: &str, actor: &Actor) -> Result<User, ManageError> {
+        self.change_user(email, UserChange::Enable, json!({}), actor)
+            .await
+    }
+
+    /// Changes a user's role; its open sessions act with the new role from their next request.
+    /// The last enabled owner keeps its role until another user is owner.
+    pub async fn set_user_role(
+        &self,
+        email: &str,
+        role: Role,
+        actor: &Actor,
+    ) -> Result<User, ManageError> {
+        let change = UserChange::Role(role.as_str().to_string());
+        self.change_user(email, change, json!({ "to": role.as_str() }), actor)
+            .await
+    }
+
+    /// Sets a new password (hashed with argon2id off the runtime); the user's sessions end.
+    pub async fn set_user_password(
+        &self,
+        email: &str,
+        password: &Password,
+        actor: &Actor,
+    ) -> Result<User, ManageError> {
+        password.validate()?;
+        let argon = self.argon.clone();
+        let secret = password.0.clone();
+        let hash = tokio::task::spawn_blocking(move || keys::hash_key(&argon, &secret))
+            .await
+            .map_err(|e| ManageError::Invalid(format!("hashing failed: {e}")))?;
+        self.change_user(email, UserChange::PasswordHash(hash), json!({}), actor)
+            .await
+    }
+
+    /// One change to a user, audited as `user.updated` with the change's name and `extra`.
+    async fn change_user(
+        &self,
+        email: &str,
+        change: UserChange,
+        extra: serde_json::Value,
+        actor: &Actor,
+    ) -> Result<User, ManageError> {
+        let email = email.trim();
+        let name = match change {
+            UserChange::Role(_) => "user.role_changed",
+            UserChange::Disable => "user.disabled",
+            UserChange::Enable => "user.enabled",
+            UserChange::PasswordHash(_) => "user.password_changed",
+        };
+        let mut detail = json!({ "change": name, "email": email });
+        if let (Some(d), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
+            d.extend(extra);
+        }
+        let audit = self.audit(actor, "user.updated", None, None, detail);
+        Ok(self
+            .store
+            .change_user(email, &change, self.now_ms(), &audit)
             .await?)
     }
 

@@ -15,6 +15,16 @@ pub struct User {
     pub disabled_at: Option<i64>,
 }
 
+/// One change to a console user (`Store::change_user`).
+#[derive(Clone, Debug)]
+pub enum UserChange {
+    Role(String),
+    Disable,
+    Enable,
+    /// A new argon2id hash of the password.
+    PasswordHash(String),
+}
+
 /// A paired gateway's key as the console lists it (managed by pairing, not here).
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct GatewayKey {
@@ -132,6 +142,101 @@ impl Store {
             insert_audit!(&mut *tx, audit).await?;
             tx.commit().await?;
             user
+        });
+        Ok(user)
+    }
+
+    /// Applies one change to the user with `email` and stores `audit` for it, in one
+    /// transaction. Disabling a user or changing its password ends its sessions at once. A
+    /// change that would leave no enabled `owner` is refused (`Conflict`) and changes nothing,
+    /// as is one that would change nothing.
+    pub async fn change_user(
+        &self,
+        email: &str,
+        change: &UserChange,
+        now_ms: i64,
+        audit: &AuditEntry,
+    ) -> Result<User, StoreError> {
+        // Two owners demoted at once from two terminals must not both succeed: SQLite takes
+        // its one write lock at the start; PostgreSQL locks the enabled owners' rows first.
+        let (begin, lock_owners) = match self {
+            Store::Sqlite(_) => ("BEGIN IMMEDIATE", None),
+            Store::Postgres(_) => (
+                "BEGIN",
+                Some(
+                    "SELECT id FROM users WHERE role = 'owner' AND disabled_at IS NULL FOR UPDATE",
+                ),
+            ),
+        };
+        let user = on_pool!(self, |pool| {
+            let mut tx = pool.begin_with(begin).await?;
+            if let Some(lock) = lock_owners {
+                sqlx::query(lock).execute(&mut *tx).await?;
+            }
+            let before = sqlx::query_as::<_, User>(
+                "SELECT id, email, role, created_at, disabled_at FROM users WHERE email = $1",
+            )
+            .bind(email)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no console user with email `{email}`")))?;
+            let unchanged =
+                |what: String| Err(StoreError::Conflict(format!("user `{email}` {what}")));
+            let update = match change {
+                UserChange::Role(role) if before.role == *role => {
+                    return unchanged(format!("already has role {role}"))
+                }
+                UserChange::Disable if before.disabled_at.is_some() => {
+                    return unchanged("is already disabled".into())
+                }
+                UserChange::Enable if before.disabled_at.is_none() => {
+                    return unchanged("is not disabled".into())
+                }
+                UserChange::Role(role) => {
+                    sqlx::query("UPDATE users SET role = $1 WHERE id = $2").bind(role)
+                }
+                UserChange::Disable => {
+                    sqlx::query("UPDATE users SET disabled_at = $1 WHERE id = $2").bind(now_ms)
+                }
+                UserChange::PasswordHash(hash) => {
+                    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2").bind(hash)
+                }
+                UserChange::Enable => {
+                    sqlx::query("UPDATE users SET disabled_at = NULL WHERE id = $1")
+                }
+            };
+            update.bind(before.id).execute(&mut *tx).await?;
+            if matches!(change, UserChange::Disable | UserChange::PasswordHash(_)) {
+                sqlx::query(
+                    "UPDATE sessions SET ended_at = $1 WHERE user_id = $2 AND ended_at IS NULL",
+                )
+                .bind(now_ms)
+                .bind(before.id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let was_owner = before.role == "owner" && before.disabled_at.is_none();
+            if was_owner && matches!(change, UserChange::Role(_) | UserChange::Disable) {
+                let owners: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM users WHERE role = 'owner' AND disabled_at IS NULL",
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                if owners == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "user `{email}` is the last enabled owner; make another user owner first"
+                    )));
+                }
+            }
+            insert_audit!(&mut *tx, audit).await?;
+            let after = sqlx::query_as::<_, User>(
+                "SELECT id, email, role, created_at, disabled_at FROM users WHERE id = $1",
+            )
+            .bind(before.id)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            after
         });
         Ok(user)
     }

@@ -83,7 +83,9 @@ macro_rules! insert_audit {
 mod admin;
 mod fleet;
 mod gateways;
-pub use admin::{AuditFilter, AuditRecord, GatewayKey, NewSession, SessionRecord, User};
+pub use admin::{
+    AuditFilter, AuditRecord, GatewayKey, NewSession, SessionRecord, User, UserChange,
+};
 pub use gateways::{Gateway, Pairing};
 
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]

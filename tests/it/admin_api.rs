@@ -478,3 +478,114 @@ both_engines! {
         assert_eq!(r.json()["prefix"], &key[..8]);
     }
 }
+
+both_engines! {
+    async fn disabling_demoting_or_resetting_a_user_takes_effect_on_its_open_sessions(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let owner = session_as(&app, Role::Owner).await;
+        let ops = session_as(&app, Role::Operator).await;
+        let m = &app.manager;
+        let cli = Actor::cli();
+        let create = |s: Session, name: &'static str| {
+            let app = &app;
+            async move {
+                change(app, Method::POST, "/admin/api/v1/service-accounts", &s, Some(json!({"name": name})))
+                    .await
+                    .status
+            }
+        };
+
+        // A promotion applies to the session already open; a demotion likewise.
+        assert_eq!(create(ops.clone(), "billing").await, 403);
+        let promoted = m.set_user_role("operator@example.com", Role::Admin, &cli).await.expect("promote");
+        assert_eq!(promoted.role, "admin");
+        assert_eq!(create(ops.clone(), "billing").await, 201, "the open session acts as admin now");
+        m.set_user_role("operator@example.com", Role::Viewer, &cli).await.expect("demote");
+        assert_eq!(create(ops.clone(), "tickets").await, 403);
+
+        // Disabling ends every session of the user at once and refuses new sign-ins.
+        let second = login(&app, "operator@example.com").await;
+        let disabled = m.disable_user("operator@example.com", &cli).await.expect("disable");
+        assert!(disabled.disabled_at.is_some());
+        for s in [&ops, &second] {
+            assert_eq!(get(&app, "/admin/api/v1/session", s).await.status, 401);
+        }
+        let refused = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "operator@example.com", "password": PASSWORD}))).await;
+        assert_eq!(refused.status, 401);
+        m.enable_user("operator@example.com", &cli).await.expect("enable");
+        assert_eq!(get(&app, "/admin/api/v1/session", &ops).await.status, 401, "old sessions stay ended");
+        let back = login(&app, "operator@example.com").await;
+
+        // A new password ends the user's sessions; only the new password signs in.
+        m.set_user_password("operator@example.com", &Password::new("a brand new passphrase"), &cli)
+            .await
+            .expect("new password");
+        assert_eq!(get(&app, "/admin/api/v1/session", &back).await.status, 401);
+        let old = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "operator@example.com", "password": PASSWORD}))).await;
+        assert_eq!(old.status, 401);
+        let new = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "operator@example.com", "password": "a brand new passphrase"}))).await;
+        assert_eq!(new.status, 200, "{}", new.text());
+
+        // Bad changes are refused with a reason and change nothing.
+        let refused = |r: Result<keygate::store::User, keygate::manage::ManageError>| r.expect_err("refused").to_string();
+        assert!(refused(m.disable_user("owner@example.com", &cli).await).contains("last enabled owner"));
+        assert!(refused(m.set_user_role("owner@example.com", Role::Admin, &cli).await).contains("last enabled owner"));
+        assert!(refused(m.disable_user("nobody@example.com", &cli).await).contains("no console user"));
+        assert!(refused(m.set_user_role("operator@example.com", Role::Viewer, &cli).await).contains("already has role viewer"));
+        assert!(refused(m.enable_user("operator@example.com", &cli).await).contains("is not disabled"));
+        assert!(refused(m.set_user_password("operator@example.com", &Password::new("short"), &cli).await).contains("10-256"));
+        assert_eq!(get(&app, "/admin/api/v1/session", &owner).await.status, 200, "the owner was not touched");
+        let users = m.store.users().await.expect("users");
+        let role_of = |email: &str| users.iter().find(|u| u.email == email).map(|u| (u.role.clone(), u.disabled_at.is_some()));
+        assert_eq!(role_of("owner@example.com"), Some(("owner".into(), false)));
+        assert_eq!(role_of("operator@example.com"), Some(("viewer".into(), false)));
+
+        // With a second owner, the first may step down.
+        m.set_user_role("operator@example.com", Role::Owner, &cli).await.expect("second owner");
+        m.set_user_role("owner@example.com", Role::Admin, &cli).await.expect("the first steps down");
+
+        let audit = get(&app, "/admin/api/v1/audit?action=user.updated", &owner).await.json();
+        let changes: Vec<(String, String)> = audit["entries"].as_array().expect("entries").iter()
+            .map(|e| (e["detail"]["change"].as_str().unwrap_or("").to_string(), e["detail"]["email"].as_str().unwrap_or("").to_string()))
+            .filter(|(change, _)| change.starts_with("user."))
+            .collect();
+        let op = |c: &str| (c.to_string(), "operator@example.com".to_string());
+        assert_eq!(changes, [
+            ("user.role_changed".to_string(), "owner@example.com".to_string()),
+            op("user.role_changed"), op("user.password_changed"), op("user.enabled"), op("user.disabled"),
+            op("user.role_changed"), op("user.role_changed"),
+        ], "newest first; refused changes left no entry");
+        assert_eq!(audit["entries"][0]["detail"]["to"], "admin");
+        assert_eq!(audit["entries"][0]["actor_type"], "cli");
+        assert!(!audit.to_string().contains("brand new"), "no password in the audit");
+    }
+}
+
+both_engines! {
+    async fn two_owners_demoting_each_other_at_once_leave_one_owner(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let m = &app.manager;
+        let cli = Actor::cli();
+        add_user(&app, "a@example.com", Role::Owner).await;
+        add_user(&app, "b@example.com", Role::Owner).await;
+        for round in 0..10 {
+            let (a, b) = tokio::join!(
+                m.set_user_role("a@example.com", Role::Admin, &cli),
+                m.disable_user("b@example.com", &cli),
+            );
+            assert!(a.is_ok() != b.is_ok(), "round {round}: exactly one may succeed: {a:?} {b:?}");
+            let owners: Vec<String> = m.store.users().await.expect("users").into_iter()
+                .filter(|u| u.role == "owner" && u.disabled_at.is_none()).map(|u| u.email).collect();
+            assert_eq!(owners.len(), 1, "round {round}: {owners:?}");
+            // Back to two owners for the next round.
+            if a.is_ok() {
+                m.set_user_role("a@example.com", Role::Owner, &cli).await.expect("restore a");
+            } else {
+                m.enable_user("b@example.com", &cli).await.expect("restore b");
+            }
+        }
+    }
+}

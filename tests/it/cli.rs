@@ -360,6 +360,58 @@ both_engines! {
     }
 }
 
+both_engines! {
+    async fn console_users_are_disabled_enabled_given_roles_and_new_passwords_from_the_cli(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let cfg = write_config(&format!("[database]\nurl = \"{}\"\n[hashing]\nmemory_kib = 1024\niterations = 1\n", db.url));
+        let user = |args: &[&str]| keygate(&cfg.path, &[&["user"], args].concat());
+        let add = |email: &str, role: &str| ok(keygate_with_stdin(&cfg.path,
+            &["user", "add", "--email", email, "--role", role, "--password-stdin"], "a long password\n"));
+        add("owner@example.com", "owner");
+        add("ada@example.com", "admin");
+
+        let out = ok(user(&["disable", "--email", "ada@example.com"]));
+        assert!(out.contains("disabled user ada@example.com"), "{out}");
+        let table = ok(user(&["list"]));
+        let ada = table.lines().find(|l| l.contains("ada@example.com")).expect("listed");
+        assert!(ada.contains("disabled 20"), "{table}");
+        assert!(table.contains("STATUS"), "{table}");
+        fails_with(user(&["disable", "--email", "ada@example.com"]), "is already disabled");
+        assert!(ok(user(&["enable", "--email", "ada@example.com"])).contains("enabled user ada@example.com"));
+        let table = ok(user(&["list"]));
+        assert!(table.lines().find(|l| l.contains("ada@example.com")).expect("listed").contains("active"), "{table}");
+
+        let out = ok(user(&["set-role", "--email", "ada@example.com", "--role", "operator"]));
+        assert!(out.contains("user ada@example.com now has role operator"), "{out}");
+        fails_with(user(&["set-role", "--email", "ada@example.com", "--role", "root"]), "is not a role");
+        fails_with(user(&["set-role", "--email", "owner@example.com", "--role", "admin"]), "last enabled owner");
+        fails_with(user(&["disable", "--email", "owner@example.com"]), "last enabled owner");
+        fails_with(user(&["disable", "--email", "nobody@example.com"]), "no console user with email `nobody@example.com`");
+        let no_flag = user(&["set-password", "--email", "ada@example.com"]);
+        assert!(!no_flag.status.success() && stderr(&no_flag).contains("--password-stdin"), "no password on the command line");
+        fails_with(keygate_with_stdin(&cfg.path, &["user", "set-password", "--email", "ada@example.com", "--password-stdin"], "short\n"), "10-256 characters");
+        let out = ok(keygate_with_stdin(&cfg.path, &["user", "set-password", "--email", "ada@example.com", "--password-stdin"], "another long password\n"));
+        assert!(out.contains("set a new password for ada@example.com"), "{out}");
+
+        let listed: serde_json::Value = serde_json::from_str(ok(user(&["list", "--json"])).trim()).expect("json");
+        let roles: Vec<(&str, &str, bool)> = listed.as_array().expect("list").iter()
+            .map(|u| (u["email"].as_str().unwrap_or(""), u["role"].as_str().unwrap_or(""), u["disabled_at"].is_null()))
+            .collect();
+        assert_eq!(roles, [("ada@example.com", "operator", true), ("owner@example.com", "owner", true)], "refused commands changed nothing");
+
+        let store = keygate::store::Store::connect(&keygate::config::DatabaseUrl::new(db.url.clone()).expect("url"), 1).await.expect("store");
+        let m = keygate::manage::Manager::new(store, keygate::config::HashingConfig { memory_kib: 1024, iterations: 1, parallelism: 1 }, keygate::clock::Clock::System).expect("manager");
+        let signs_in = |pw: &'static str| { let m = &m; async move { m.authenticate("ada@example.com", &keygate::manage::Password::new(pw)).await.expect("auth").is_some() } };
+        assert!(signs_in("another long password").await);
+        assert!(!signs_in("a long password").await, "the old password no longer works");
+        let audit = m.store.audit_page(&keygate::store::AuditFilter { action: Some("user.updated".into()), limit: 50, ..Default::default() }).await.expect("audit");
+        let changes: Vec<&str> = audit.iter().map(|e| e.detail.as_str()).collect();
+        assert_eq!(changes.len(), 4, "{changes:?}");
+        assert!(changes.iter().all(|d| !d.contains("long password")), "{changes:?}");
+        assert!(audit.iter().all(|e| e.actor_type == "cli"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_streams_large_bodies_in_bounded_memory() {
     let db = TestDb::new(Engine::Sqlite).await;
