@@ -76,6 +76,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("TLS certificate not reloaded: {0}")]
     Tls(#[from] TlsError),
+    #[error("configuration not reloaded: {0}; restart keygate to apply it")]
+    NeedsRestart(String),
 }
 
 /// Binds the proxy and admin listeners from the configuration.
@@ -280,6 +282,9 @@ impl Keygate {
     /// routed finish on the old ones) and the TLS certificate (re-read from its files; open
     /// connections keep their session). Settings that need a restart are left as they are.
     pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        self.proxy
+            .check_routes(&config.routes)
+            .map_err(ReloadError::NeedsRestart)?;
         self.reload_tls()?;
         self.proxy.replace_routes(&config.routes);
         tracing::info!(

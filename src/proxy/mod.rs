@@ -131,7 +131,30 @@ impl ProxyState {
         self
     }
 
-    /// Replaces the routes; requests already routed keep the table they started with.
+    /// Whether `routes` can replace the running ones without a restart. Each worker builds
+    /// the TLS pool of an `https://` route at start, with that route's trust and client
+    /// certificate: a route that is `https://` now must have been at start, under the same
+    /// name and with the same TLS settings. Names the first route that is not.
+    pub fn check_routes(&self, routes: &[RouteConfig]) -> Result<(), String> {
+        let https = http::uri::Scheme::HTTPS;
+        match routes.iter().find(|route| {
+            route.upstream.scheme == https
+                && !self.routes.iter().any(|at_start| {
+                    at_start.name == route.name
+                        && at_start.upstream.scheme == https
+                        && at_start.tls == route.tls
+                })
+        }) {
+            Some(route) => Err(format!(
+                "route `{}`: an https:// upstream that is new or has other TLS settings needs a restart",
+                route.name
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the routes (after `check_routes`); requests already routed keep the table
+    /// they started with.
     pub fn replace_routes(&self, routes: &[RouteConfig]) {
         // Metric handles were made for the routes at start: keep each route on its own.
         self.router

@@ -147,8 +147,8 @@ impl UpstreamClient {
         let sent = if route.upstream.scheme == Scheme::HTTPS {
             match self.https.iter().find(|(name, _)| *name == route.name) {
                 Some((_, client)) => Some(client.request(req)),
-                // Pools are built for the https routes known at start; a route added by a reload
-                // needs a restart. Never fall back to clear text.
+                // Pools are built for the https routes known at start, and a reload that adds
+                // one is refused (`ProxyState::check_routes`). Never fall back to clear text.
                 None => {
                     tracing::warn!(route = %route.name, "no TLS pool for this https route; restart keygate to add one");
                     None

@@ -500,3 +500,116 @@ async fn tls_settings_on_an_http_upstream_or_a_missing_ca_file_fail_the_start() 
         .expect("a missing CA file fails the start");
     assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_needs_a_new_tls_pool_is_refused_and_the_running_routes_stay() {
+    let pki = Pki::new();
+    let secure = tls_upstream(&pki, false).await;
+    let ca = toml_path(&pki.ca_file());
+    let upstream = format!("https://localhost:{}", secure.port);
+    let at_start = secure_route(
+        "secure",
+        "/secure",
+        &upstream,
+        &format!("ca_file = \"{ca}\""),
+    );
+    let was_plain = |scheme: &str| {
+        let extra = if scheme == "https" {
+            format!("ca_file = \"{ca}\"")
+        } else {
+            String::new()
+        };
+        secure_route(
+            "was-plain",
+            "/was-plain",
+            &format!("{scheme}://localhost:9"),
+            &extra,
+        )
+    };
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        AppOptions {
+            extra_toml: format!("{at_start}{}", was_plain("http")),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let account = app.create_account("tls").await;
+    let key = app.create_key(&account, "k", &["recordings:read"]).await;
+    let status = |path: &'static str| {
+        let app = &app;
+        let key = key.key.expose().to_string();
+        async move { app.get(path, Some(&key)).await.status }
+    };
+    let reload = |routes: String| {
+        let toml = test_config_toml(
+            "sqlite://unused.db",
+            app.upstream.addr,
+            &AppOptions {
+                extra_toml: routes,
+                ..AppOptions::default()
+            },
+        );
+        let config = keygate::config::Config::from_toml(&toml, "test", std::iter::empty())
+            .expect("valid configuration");
+        app.keygate.as_ref().expect("running").reload(&config)
+    };
+    assert_eq!(status("/secure/1").await, 200);
+
+    // A new https route, a route turned https, other trust for a known one: each refused,
+    // naming the route, and nothing of the file applied (its plain route included).
+    let plain = format!(
+        "[[routes]]\nname = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"http://{}\"\nscope = \"recordings:read\"\n",
+        app.upstream.addr
+    );
+    let refused = [
+        (
+            "second",
+            format!(
+                "{at_start}{plain}{}",
+                secure_route(
+                    "second",
+                    "/second",
+                    &upstream,
+                    &format!("ca_file = \"{ca}\"")
+                )
+            ),
+        ),
+        (
+            "was-plain",
+            format!("{at_start}{plain}{}", was_plain("https")),
+        ),
+        (
+            "secure",
+            format!(
+                "{plain}{}",
+                secure_route("secure", "/secure", &upstream, "")
+            ),
+        ),
+    ];
+    for (route, routes) in refused {
+        let err = reload(routes).expect_err("refused").to_string();
+        assert!(
+            err.contains(&format!("route `{route}`")) && err.contains("restart"),
+            "{err}"
+        );
+        assert_eq!(
+            status("/plain/1").await,
+            404,
+            "nothing of a refused file applies"
+        );
+        assert_eq!(status("/secure/1").await, 200);
+    }
+
+    // The same https route (even under another path) and a new plain one need no restart.
+    let moved = secure_route(
+        "secure",
+        "/moved",
+        &upstream,
+        &format!("ca_file = \"{ca}\""),
+    );
+    reload(format!("{moved}{plain}")).expect("reloaded");
+    assert_eq!(status("/plain/1").await, 200);
+    assert_eq!(status("/moved/1").await, 200);
+    assert_eq!(status("/secure/1").await, 404);
+}
