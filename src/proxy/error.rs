@@ -2,7 +2,9 @@
 //! Clients get a stable, generic JSON body; the precise reason goes to the log and metrics.
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
@@ -101,6 +103,12 @@ impl Rejection {
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
+        self.into_response_in(HeaderMap::new())
+    }
+
+    /// The response, with its headers in `headers` (empty, but perhaps with room already: see
+    /// `pipeline::emptied`).
+    pub fn into_response_in(self, mut headers: HeaderMap) -> Response<ProxyBody> {
         // A header beside Content-Type: the challenge or Retry-After.
         let mut extra: Option<(HeaderName, HeaderValue)> = None;
         let body: Bytes = match &self {
@@ -150,13 +158,14 @@ impl Rejection {
         };
         // Put together directly: a refusal is the whole of a key flood's work, and
         // `Response::builder` costs several times more for the same response.
-        let mut response = Response::new(ProxyBody::full(body));
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
+        debug_assert!(headers.is_empty());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some((name, value)) = extra {
             headers.insert(name, value);
         }
+        let mut response = Response::new(ProxyBody::full(body));
+        *response.status_mut() = self.status();
+        *response.headers_mut() = headers;
         response
     }
 }

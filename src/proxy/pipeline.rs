@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures_util::future::{BoxFuture, Either};
 
-use http::header::HeaderValue;
+use http::header::{HeaderMap, HeaderValue};
 use http::uri::{Parts, PathAndQuery};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -145,7 +146,12 @@ pub(super) fn handle(
         Finish::decided(state, started, request_id, req.method().clone(), trail);
     match decided {
         Ok(grant) => Either::Left(start_forward(conn, req, grant, finish, authorised_at)),
-        Err(rejection) => Either::Left(Either::Left(ready(refuse(&conn, rejection, finish)))),
+        Err(rejection) => Either::Left(Either::Left(ready(refuse(
+            &conn,
+            rejection,
+            finish,
+            emptied(req),
+        )))),
     }
 }
 
@@ -177,9 +183,18 @@ fn verify_and_forward(
             Finish::decided(state, started, request_id, req.method().clone(), trail);
         match authorised {
             Ok(grant) => start_forward(conn, req, grant, finish, authorised_at).await,
-            Err(rejection) => refuse(&conn, rejection, finish),
+            Err(rejection) => refuse(&conn, rejection, finish, emptied(req)),
         }
     }
+}
+
+/// The request's header map, emptied, for the refusal of that request. hyper reads each
+/// request's headers into the map of the response it wrote before, so a refusal that keeps
+/// the request's map allocates no map of its own and frees none (a key flood is all refusals).
+fn emptied(mut req: Request<Incoming>) -> HeaderMap {
+    let mut headers = std::mem::take(req.headers_mut());
+    headers.clear();
+    headers
 }
 
 /// Steps 7 and 8's first half, before any future exists: the request as the upstream gets
@@ -205,7 +220,7 @@ fn start_forward(
         )),
         Err(rejection) => {
             finish.trail.entry = Some(grant.entry);
-            Either::Left(ready(refuse(&conn, rejection, finish)))
+            Either::Left(ready(refuse(&conn, rejection, finish, HeaderMap::new())))
         }
     }
 }
@@ -328,7 +343,9 @@ where
                     Ok(response) => {
                         complete(conn, response, Outcome::Allowed, "-", finish, upstream_ms)
                     }
-                    Err(rejection) => refuse_after(conn, rejection, finish, upstream_ms),
+                    Err(rejection) => {
+                        refuse_after(conn, rejection, finish, upstream_ms, HeaderMap::new())
+                    }
                 }
             }
             #[cfg(feature = "bench-passthrough")]
@@ -344,8 +361,14 @@ where
 }
 
 /// A refusal's response, counted and logged.
-fn refuse(conn: &Conn, rejection: Rejection, finish: Finish) -> Response<ProxyBody> {
-    refuse_after(conn, rejection, finish, 0)
+/// Refuses a request before it went upstream; the response is built in `headers`.
+fn refuse(
+    conn: &Conn,
+    rejection: Rejection,
+    finish: Finish,
+    headers: HeaderMap,
+) -> Response<ProxyBody> {
+    refuse_after(conn, rejection, finish, 0, headers)
 }
 
 fn refuse_after(
@@ -353,11 +376,12 @@ fn refuse_after(
     rejection: Rejection,
     finish: Finish,
     upstream_ms: u64,
+    headers: HeaderMap,
 ) -> Response<ProxyBody> {
     let (outcome, reason) = (counted(&rejection), rejection.reason());
     complete(
         conn,
-        rejection.into_response(),
+        rejection.into_response_in(headers),
         outcome,
         reason,
         finish,
@@ -732,6 +756,11 @@ fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
     // Random per thread, then counting: unique without a counter shared between workers.
     thread_local! {
         static NEXT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+        /// Room for this thread's next ids. Each id is a slice of one buffer: making it
+        /// allocates nothing and cloning it (into the upstream request) counts a reference,
+        /// where an id in a buffer of its own would allocate twice, for its bytes and then
+        /// for a shared header at its first clone.
+        static ROOM: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
     }
     let (base, n) = NEXT.with(|next| {
         let (mut base, n) = next.get();
@@ -743,11 +772,22 @@ fn request_id(client: Option<&HeaderValue>) -> HeaderValue {
         next.set((base, n.wrapping_add(1)));
         (base, n)
     });
-    let mut buf = [0u8; 32];
+    let mut buf = [0u8; REQUEST_ID_LEN];
     hex_into(&mut buf[..16], base);
     hex_into(&mut buf[16..], n);
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+    let id = ROOM.with(|room| {
+        let mut room = room.borrow_mut();
+        if room.capacity() < REQUEST_ID_LEN {
+            *room = BytesMut::with_capacity(REQUEST_ID_LEN * 128);
+        }
+        room.extend_from_slice(&buf);
+        room.split_to(REQUEST_ID_LEN).freeze()
+    });
+    HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("-"))
 }
+
+/// A generated request id: 32 hex digits.
+const REQUEST_ID_LEN: usize = 32;
 
 fn hex_into(out: &mut [u8], mut n: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -826,5 +866,46 @@ fn outcome_label(outcome: Outcome) -> &'static str {
         Outcome::Busy => "busy",
         Outcome::NotReady => "not_ready",
         Outcome::Throttled => "throttled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn generated_request_ids_are_distinct_hex_across_many_buffers_and_outlive_them() {
+        // 1,000 ids span several buffers of 128; every id stays intact while later ones are
+        // carved from new buffers.
+        let ids: Vec<HeaderValue> = (0..1000).map(|_| request_id(None)).collect();
+        let distinct: HashSet<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.len(), REQUEST_ID_LEN);
+            assert!(
+                id.as_bytes().iter().all(|b| b.is_ascii_hexdigit()),
+                "{id:?}"
+            );
+        }
+        let (base, first) = ids[0].as_bytes().split_at(16);
+        let (same_base, last) = ids[999].as_bytes().split_at(16);
+        assert_eq!(base, same_base, "one random base per thread");
+        let count = |hex: &[u8]| u64::from_str_radix(std::str::from_utf8(hex).expect("hex"), 16);
+        assert_eq!(count(last).expect("n") - count(first).expect("n"), 999);
+    }
+
+    #[test]
+    fn a_sane_client_request_id_is_kept_and_anything_else_replaced() {
+        let kept = HeaderValue::from_static("trace-123");
+        assert_eq!(request_id(Some(&kept)), "trace-123");
+        for bad in [
+            HeaderValue::from_static(""),
+            HeaderValue::from_static("has space"),
+            HeaderValue::from_bytes(&[b'a'; 129]).expect("value"),
+        ] {
+            assert_eq!(request_id(Some(&bad)).len(), REQUEST_ID_LEN, "{bad:?}");
+        }
     }
 }
