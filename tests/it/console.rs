@@ -303,3 +303,87 @@ both_engines! {
         b.close().await;
     }
 }
+
+both_engines! {
+    async fn an_admin_pairs_re_pairs_and_unpairs_a_gateway_in_the_console(engine: Engine) {
+        let app = spawn_app_with(engine, AppOptions {
+            extra_toml: "[gateways]\nscopes = [\"recordings:read\"]\n".into(),
+            ..AppOptions::default()
+        })
+        .await;
+        add_user(&app, "ada@example.com", Role::Admin).await;
+        let admin = format!("http://{}", app.admin_addr);
+        let b = Browser::start().await;
+        b.c().goto(&format!("{admin}/admin/login")).await.expect("login page");
+        b.css("#email").await.send_keys("ada@example.com").await.expect("type");
+        b.css("#password").await.send_keys(PASSWORD).await.expect("type");
+        b.css("#submit").await.click().await.expect("log in");
+        b.css("#new-account-button").await;
+        b.c().goto(&format!("{admin}/admin/gateways")).await.expect("gateways page");
+
+        // Pair: the key is shown once, in a dialog, and works at once with the configured scope.
+        b.css("#pair-gateway-button").await.click().await.expect("open dialog");
+        b.css("#gateway-name").await.send_keys("warehouse-7").await.expect("type");
+        b.css("#submit-pair").await.click().await.expect("pair");
+        let first = b.css("#new-key").await.text().await.expect("key text");
+        assert!(first.starts_with("kgg") && first.len() > 40, "{first}");
+        let shot = b.screenshot(&format!("console-gateway-paired-{engine:?}")).await;
+        eprintln!("screenshot: {}", shot.display());
+        b.css("#close-key").await.click().await.expect("close");
+        app.wait_for_key(&first[..8]).await;
+        assert_eq!(app.get("/recordings/1", Some(&first)).await.status, 200);
+        assert_eq!(app.get("/tickets", Some(&first)).await.status, 403, "only the gateway scopes");
+        // A reload after Done shows the page again, without the key.
+        let url = b.c().current_url().await.expect("url");
+        assert_eq!(url.path(), "/admin/gateways", "a reload does not post the form again");
+        b.c().goto(url.as_str()).await.expect("reload");
+        assert!(!b.c().source().await.expect("html").contains(&first), "the key is shown once only");
+        let row = "tr[data-gateway='warehouse-7']";
+        assert_eq!(b.css(row).await.attr("data-state").await.expect("attr").as_deref(), Some("paired"));
+        assert!(b.css(row).await.text().await.expect("row").contains(&first[..8]));
+
+        // Re-pair: a new key, and the old one stops working in the same step.
+        let id = app.manager.store.gateways().await.expect("gateways")[0].id;
+        b.css(&format!("{row} button[data-dialog='repair-{id}']")).await.click().await.expect("re-pair");
+        b.css(&format!("#confirm-repair-{id}")).await.click().await.expect("confirm");
+        let second = b.css("#new-key").await.text().await.expect("key text");
+        assert!(second.starts_with("kgg") && second != first, "{second}");
+        b.css("#close-key").await.click().await.expect("close");
+        app.wait_for_key(&second[..8]).await;
+        assert_eq!(app.get("/recordings/1", Some(&second)).await.status, 200);
+        let started = Instant::now();
+        while app.get("/recordings/1", Some(&first)).await.status != 401 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the re-paired gateway's old key still works");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Unpair, after a confirmation: the row shows it, and the key gets 401.
+        b.css(&format!("{row} button[data-dialog='unpair-{id}']")).await.click().await.expect("unpair");
+        let confirm = b.css(&format!("#confirm-unpair-{id}")).await;
+        assert!(confirm.is_displayed().await.expect("shown"), "a confirmation dialog opens");
+        confirm.click().await.expect("confirm");
+        let started = Instant::now();
+        loop {
+            let state = match b.c().find(Locator::Css(row)).await {
+                Ok(e) => e.attr("data-state").await.ok().flatten(),
+                Err(_) => None,
+            };
+            if state.as_deref() == Some("unpaired") {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the gateway never showed as unpaired: {state:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        while app.get("/recordings/1", Some(&second)).await.status != 401 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the unpaired gateway's key still works");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let audit = format!("{:?}", app.manager.store.audit(100).await.expect("audit"));
+        for action in ["gateway.paired", "gateway.repaired", "gateway.unpaired"] {
+            assert!(audit.contains(action), "{action} not audited");
+        }
+        assert!(!audit.contains(&first) && !audit.contains(&second[9..]), "no key in the audit");
+        b.close().await;
+    }
+}
