@@ -300,12 +300,7 @@ impl Manager {
         only_if_none: bool,
     ) -> Result<User, ManageError> {
         let email = validate_email(email)?;
-        password.validate()?;
-        let argon = self.argon.clone();
-        let secret = password.0.clone();
-        let hash = tokio::task::spawn_blocking(move || keys::hash_key(&argon, &secret))
-            .await
-            .map_err(|e| ManageError::Invalid(format!("hashing failed: {e}")))?;
+        let hash = self.hash_password(password).await?;
         let audit = self.audit(
             actor,
             "user.created",
@@ -359,14 +354,20 @@ impl Manager {
         password: &Password,
         actor: &Actor,
     ) -> Result<User, ManageError> {
+        let hash = self.hash_password(password).await?;
+        self.change_user(email, UserChange::PasswordHash(hash), json!({}), actor)
+            .await
+    }
+
+    /// A console password's argon2id hash, once it passes the length rule; hashed off the
+    /// runtime.
+    async fn hash_password(&self, password: &Password) -> Result<String, ManageError> {
         password.validate()?;
         let argon = self.argon.clone();
         let secret = password.0.clone();
-        let hash = tokio::task::spawn_blocking(move || keys::hash_key(&argon, &secret))
+        tokio::task::spawn_blocking(move || keys::hash_key(&argon, &secret))
             .await
-            .map_err(|e| ManageError::Invalid(format!("hashing failed: {e}")))?;
-        self.change_user(email, UserChange::PasswordHash(hash), json!({}), actor)
-            .await
+            .map_err(|e| ManageError::Invalid(format!("hashing failed: {e}")))
     }
 
     /// One change to a user, audited as `user.updated` with the change's name and `extra`.

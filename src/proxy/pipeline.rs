@@ -360,8 +360,8 @@ where
     }
 }
 
-/// A refusal's response, counted and logged.
-/// Refuses a request before it went upstream; the response is built in `headers`.
+/// A refusal's response, counted and logged, for a request that never went upstream; it is
+/// built in `headers`.
 fn refuse(
     conn: &Conn,
     rejection: Rejection,

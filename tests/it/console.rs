@@ -106,6 +106,27 @@ impl Browser {
             .unwrap_or_else(|e| panic!("no element {selector}: {e}"))
     }
 
+    /// Signs in on the console at `admin` (its base URL) as `email`, with the test password,
+    /// and waits for the page it lands on.
+    async fn sign_in(&self, admin: &str, email: &str) {
+        self.c()
+            .goto(&format!("{admin}/admin/login"))
+            .await
+            .expect("login page");
+        self.css("#email")
+            .await
+            .send_keys(email)
+            .await
+            .expect("type");
+        self.css("#password")
+            .await
+            .send_keys(PASSWORD)
+            .await
+            .expect("type");
+        self.css("#submit").await.click().await.expect("log in");
+        self.css("#new-account-button").await;
+    }
+
     async fn screenshot(&self, name: &str) -> PathBuf {
         let png = self.c().screenshot().await.expect("screenshot");
         let path = std::env::temp_dir().join(format!("keygate-{name}.png"));
@@ -132,12 +153,7 @@ both_engines! {
         let admin = format!("http://{}", app.admin_addr);
         let b = Browser::start().await;
 
-        // Log in.
-        b.c().goto(&format!("{admin}/admin/login")).await.expect("login page");
-        b.css("#email").await.send_keys("ada@example.com").await.expect("type");
-        b.css("#password").await.send_keys(PASSWORD).await.expect("type");
-        b.css("#submit").await.click().await.expect("log in");
-        b.css("#new-account-button").await;
+        b.sign_in(&admin, "ada@example.com").await;
         assert!(b.c().current_url().await.expect("url").path().ends_with("/admin/service-accounts"));
 
         // A name that looks like a script is shown as text and never runs.
@@ -243,10 +259,7 @@ both_engines! {
         app.create_key(&account, "primary", &["recordings:read"]).await;
         let admin = format!("http://{}", app.admin_addr);
         let b = Browser::start().await;
-        b.c().goto(&format!("{admin}/admin/login")).await.expect("login page");
-        b.css("#email").await.send_keys("op@example.com").await.expect("type");
-        b.css("#password").await.send_keys(PASSWORD).await.expect("type");
-        b.css("#submit").await.click().await.expect("log in");
+        b.sign_in(&admin, "op@example.com").await;
         assert!(!b.css("#new-account-button").await.is_enabled().await.expect("state"));
         b.c().goto(&format!("{admin}/admin/service-accounts/{}", account.id)).await.expect("account");
         assert!(!b.css("#create-key-button").await.is_enabled().await.expect("state"));
@@ -268,11 +281,7 @@ both_engines! {
         assert_eq!(app.get("/recordings/1", Some(old.key.expose())).await.status, 200);
         let admin = format!("http://{}", app.admin_addr);
         let b = Browser::start().await;
-        b.c().goto(&format!("{admin}/admin/login")).await.expect("login page");
-        b.css("#email").await.send_keys("ada@example.com").await.expect("type");
-        b.css("#password").await.send_keys(PASSWORD).await.expect("type");
-        b.css("#submit").await.click().await.expect("log in");
-        b.css("#new-account-button").await;
+        b.sign_in(&admin, "ada@example.com").await;
         b.c().goto(&format!("{admin}/admin/service-accounts/{}", account.id)).await.expect("account");
 
         let row = format!("tr[data-prefix='{}']", old.key.prefix());
@@ -314,11 +323,7 @@ both_engines! {
         add_user(&app, "ada@example.com", Role::Admin).await;
         let admin = format!("http://{}", app.admin_addr);
         let b = Browser::start().await;
-        b.c().goto(&format!("{admin}/admin/login")).await.expect("login page");
-        b.css("#email").await.send_keys("ada@example.com").await.expect("type");
-        b.css("#password").await.send_keys(PASSWORD).await.expect("type");
-        b.css("#submit").await.click().await.expect("log in");
-        b.css("#new-account-button").await;
+        b.sign_in(&admin, "ada@example.com").await;
         b.c().goto(&format!("{admin}/admin/gateways")).await.expect("gateways page");
 
         // Pair: the key is shown once, in a dialog, and works at once with the configured scope.
