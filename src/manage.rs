@@ -324,14 +324,12 @@ impl Manager {
     /// Disables a console user: its sessions end at once and it can no longer sign in. The
     /// last enabled owner cannot be disabled.
     pub async fn disable_user(&self, email: &str, actor: &Actor) -> Result<User, ManageError> {
-        self.change_user(email, UserChange::Disable, json!({}), actor)
-            .await
+        self.change_user(email, UserChange::Disable, actor).await
     }
 
     /// Lets a disabled user sign in again (its old sessions stay ended).
     pub async fn enable_user(&self, email: &str, actor: &Actor) -> Result<User, ManageError> {
-        self.change_user(email, UserChange::Enable, json!({}), actor)
-            .await
+        self.change_user(email, UserChange::Enable, actor).await
     }
 
     /// Changes a user's role; its open sessions act with the new role from their next request.
@@ -343,8 +341,7 @@ impl Manager {
         actor: &Actor,
     ) -> Result<User, ManageError> {
         let change = UserChange::Role(role.as_str().to_string());
-        self.change_user(email, change, json!({ "to": role.as_str() }), actor)
-            .await
+        self.change_user(email, change, actor).await
     }
 
     /// Sets a new password (hashed with argon2id off the runtime); the user's sessions end.
@@ -355,7 +352,7 @@ impl Manager {
         actor: &Actor,
     ) -> Result<User, ManageError> {
         let hash = self.hash_password(password).await?;
-        self.change_user(email, UserChange::PasswordHash(hash), json!({}), actor)
+        self.change_user(email, UserChange::PasswordHash(hash), actor)
             .await
     }
 
@@ -370,25 +367,24 @@ impl Manager {
             .map_err(|e| ManageError::Invalid(format!("hashing failed: {e}")))
     }
 
-    /// One change to a user, audited as `user.updated` with the change's name and `extra`.
+    /// One change to a user, audited as `user.updated` naming the change (and a new role).
     async fn change_user(
         &self,
         email: &str,
         change: UserChange,
-        extra: serde_json::Value,
         actor: &Actor,
     ) -> Result<User, ManageError> {
         let email = email.trim();
-        let name = match change {
-            UserChange::Role(_) => "user.role_changed",
-            UserChange::Disable => "user.disabled",
-            UserChange::Enable => "user.enabled",
-            UserChange::PasswordHash(_) => "user.password_changed",
+        let detail = match &change {
+            UserChange::Role(role) => {
+                json!({ "change": "user.role_changed", "email": email, "to": role })
+            }
+            UserChange::Disable => json!({ "change": "user.disabled", "email": email }),
+            UserChange::Enable => json!({ "change": "user.enabled", "email": email }),
+            UserChange::PasswordHash(_) => {
+                json!({ "change": "user.password_changed", "email": email })
+            }
         };
-        let mut detail = json!({ "change": name, "email": email });
-        if let (Some(d), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
-            d.extend(extra);
-        }
         let audit = self.audit(actor, "user.updated", None, None, detail);
         Ok(self
             .store

@@ -146,7 +146,7 @@ impl ProxyState {
                 })
         }) {
             Some(route) => Err(format!(
-                "route `{}`: an https:// upstream that is new or has other TLS settings needs a restart",
+                "route `{}`: its https:// upstream is new or has other TLS settings",
                 route.name
             )),
             None => Ok(()),

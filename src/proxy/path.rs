@@ -68,13 +68,17 @@ pub fn canonical_path(path: &[u8]) -> Result<(), PathError> {
         return Err(PathError::EmptySegment);
     }
     if has_non_ascii_escape {
-        // Overlong encodings (%C0%AE for '.') and stray continuation bytes fail here.
-        let decoded = percent_decode(path);
-        if std::str::from_utf8(&decoded).is_err() {
-            return Err(PathError::InvalidUtf8);
-        }
+        decodes_to_utf8(path)?;
     }
     Ok(())
+}
+
+/// Whether `path`'s escapes decode to UTF-8: overlong encodings (%C0%AE for '.') and stray
+/// continuation bytes fail here.
+fn decodes_to_utf8(path: &[u8]) -> Result<(), PathError> {
+    std::str::from_utf8(&percent_decode(path))
+        .map(drop)
+        .map_err(|_| PathError::InvalidUtf8)
 }
 
 /// The byte the escape at `path[at]` (a `%`) stands for, when it may be escaped: an escape of
@@ -157,11 +161,7 @@ pub(crate) mod tests {
             return Err(PathError::EmptySegment);
         }
         if has_non_ascii_escape {
-            // Overlong encodings (%C0%AE for '.') and stray continuation bytes fail here.
-            let decoded = percent_decode(path);
-            if std::str::from_utf8(&decoded).is_err() {
-                return Err(PathError::InvalidUtf8);
-            }
+            decodes_to_utf8(path)?;
         }
         Ok(())
     }
