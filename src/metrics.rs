@@ -1,9 +1,9 @@
 //! Prometheus metrics: one `Metrics` value per instance with its own registry, scraped at the
-//! admin listener's `/metrics`. Request-path handles are resolved once per (route, method
-//! class, outcome) slot, so counting a request costs a few atomic operations and no hashing.
+//! admin listener's `/metrics`. A request is counted in a slot per (route, method class,
+//! outcome), so counting it costs a few atomic operations and no hashing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -117,13 +117,13 @@ impl QueueMetrics {
 pub struct Metrics {
     registry: Registry,
     routes: Vec<String>,
-    requests: IntCounterVec,
-    /// Handles of `requests`, resolved on first use and indexed by (route, method class,
-    /// outcome slot), so counting never hashes label values.
-    request_slots: Vec<OnceLock<IntCounter>>,
+    /// `keygate_requests_total`, one counter per (route, method class, outcome slot), in
+    /// per-thread shards: one shared counter was the request path's last cache line written by
+    /// both proxy workers on every request.
+    requests: Arc<shard::Counters>,
     account_requests: Option<IntCounterVec>,
-    /// The request path's histograms and gauge live in per-thread shards (`shard.rs`), added
-    /// up at scrape by the `Sharded` collector.
+    /// The request path's counters, histograms and gauge live in per-thread shards
+    /// (`shard.rs`), added up at scrape by the `Sharded` collector.
     auth_duration: Arc<shard::Histogram>,
     upstream_duration: Vec<Arc<shard::Histogram>>,
     upstream_errors: Vec<[IntCounter; 3]>,
@@ -150,16 +150,9 @@ impl Metrics {
         let registry = Registry::new();
         let reg = |c: Box<dyn Collector>| registry.register(c);
 
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "keygate_requests_total",
-                "Requests answered by the proxy, by route, method class, outcome, reason and status class.",
-            ),
-            &["route", "method", "outcome", "reason", "status_class"],
-        )?;
-        reg(Box::new(requests.clone()))?;
-        let slots = (routes.len() + 1) * METHOD_CLASSES.len() * OUTCOME_SLOTS;
-        let request_slots = (0..slots).map(|_| OnceLock::new()).collect();
+        let requests = Arc::new(shard::Counters::new(
+            (routes.len() + 1) * METHOD_CLASSES.len() * OUTCOME_SLOTS,
+        ));
 
         let account_requests = if per_account_labels {
             let v = IntCounterVec::new(
@@ -182,6 +175,18 @@ impl Metrics {
             .collect();
         let in_flight = Arc::new(shard::Gauge::default());
         reg(Box::new(Sharded {
+            requests: (
+                Desc::new(
+                    "keygate_requests_total".into(),
+                    "Requests answered by the proxy, by route, method class, outcome, reason and status class.".into(),
+                    ["route", "method", "outcome", "reason", "status_class"]
+                        .map(String::from)
+                        .to_vec(),
+                    Default::default(),
+                )?,
+                routes.to_vec(),
+                requests.clone(),
+            ),
             auth: (
                 Desc::new(
                     "keygate_auth_duration_seconds".into(),
@@ -308,7 +313,6 @@ impl Metrics {
             registry,
             routes: routes.to_vec(),
             requests,
-            request_slots,
             account_requests,
             auth_duration,
             upstream_duration,
@@ -349,25 +353,10 @@ impl Metrics {
         let route_slot = route
             .filter(|r| *r < self.routes.len())
             .unwrap_or(self.routes.len());
-        let (outcome_slot, status_class) = outcome_slot(outcome, status);
+        let (outcome_slot, _) = outcome_slot(outcome, status);
         let method_slot = method_class(method);
-        let index =
-            (route_slot * METHOD_CLASSES.len() + method_slot) * OUTCOME_SLOTS + outcome_slot;
-        let Some(cell) = self.request_slots.get(index) else {
-            return;
-        };
-        cell.get_or_init(|| {
-            let (outcome, reason) = outcome_labels(outcome);
-            let route = self.routes.get(route_slot).map_or(NO_ROUTE, String::as_str);
-            self.requests.with_label_values(&[
-                route,
-                METHOD_CLASSES[method_slot],
-                outcome,
-                reason,
-                status_class,
-            ])
-        })
-        .inc();
+        self.requests
+            .inc((route_slot * METHOD_CLASSES.len() + method_slot) * OUTCOME_SLOTS + outcome_slot);
     }
 
     /// Counts a request per account; a no-op unless `[metrics] per_account_labels` is on.
@@ -480,6 +469,40 @@ fn outcome_slot(outcome: Outcome, status: u16) -> (usize, &'static str) {
         Outcome::NotReady => (16, "5xx"),
         Outcome::Throttled => (17, "4xx"),
     }
+}
+
+/// Every outcome but `Allowed`, each of which has a slot of its own (except `Request`, which
+/// shares `Connect`'s).
+const FIXED_OUTCOMES: [Outcome; 13] = [
+    Outcome::Unauthorized(AuthReason::Missing),
+    Outcome::Unauthorized(AuthReason::Malformed),
+    Outcome::Unauthorized(AuthReason::Unknown),
+    Outcome::Unauthorized(AuthReason::Revoked),
+    Outcome::Unauthorized(AuthReason::Expired),
+    Outcome::Forbidden,
+    Outcome::NotFound,
+    Outcome::UpstreamError(UpstreamFailure::Connect),
+    Outcome::UpstreamError(UpstreamFailure::Timeout),
+    Outcome::BadRequest,
+    Outcome::Busy,
+    Outcome::NotReady,
+    Outcome::Throttled,
+];
+
+/// The `outcome`, `reason` and `status_class` labels of an outcome slot (`outcome_slot`
+/// backwards).
+fn slot_labels(slot: usize) -> (&'static str, &'static str, &'static str) {
+    let outcome = if slot < 5 {
+        (Outcome::Allowed, (slot as u16 + 1) * 100)
+    } else {
+        let fixed = FIXED_OUTCOMES
+            .into_iter()
+            .find(|o| outcome_slot(*o, 0).0 == slot)
+            .expect("every slot past `allowed` has a fixed outcome");
+        (fixed, 0)
+    };
+    let (label, reason) = outcome_labels(outcome.0);
+    (label, reason, outcome_slot(outcome.0, outcome.1).1)
 }
 
 /// The `outcome` and `reason` labels.
@@ -676,8 +699,11 @@ impl Collector for Pulled {
     }
 }
 
-/// The request path's sharded histograms and in-flight gauge, added up at scrape.
+/// The request path's sharded counters, histograms and in-flight gauge, added up at scrape.
 struct Sharded {
+    /// With the route names, in the order of `Metrics::routes`; only counted slots are
+    /// exported, as a labelled counter family exports only the series it has seen.
+    requests: (Desc, Vec<String>, Arc<shard::Counters>),
     auth: (Desc, Arc<shard::Histogram>),
     /// One series per route (label `route`).
     upstream: (Desc, Vec<(String, Arc<shard::Histogram>)>),
@@ -686,7 +712,12 @@ struct Sharded {
 
 impl Collector for Sharded {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.auth.0, &self.upstream.0, &self.in_flight.0]
+        vec![
+            &self.requests.0,
+            &self.auth.0,
+            &self.upstream.0,
+            &self.in_flight.0,
+        ]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -720,7 +751,32 @@ impl Collector for Sharded {
         };
         let mut in_flight = proto::Gauge::default();
         in_flight.set_value(self.in_flight.1.get() as f64);
+        let (_, routes, counts) = &self.requests;
+        let requests = (0..counts.len())
+            .filter_map(|slot| {
+                let n = counts.get(slot);
+                (n > 0).then(|| {
+                    let (outcome, reason, status_class) = slot_labels(slot % OUTCOME_SLOTS);
+                    let method = METHOD_CLASSES[slot / OUTCOME_SLOTS % METHOD_CLASSES.len()];
+                    let route = routes
+                        .get(slot / OUTCOME_SLOTS / METHOD_CLASSES.len())
+                        .map_or(NO_ROUTE, String::as_str);
+                    let mut c = proto::Counter::default();
+                    c.set_value(n as f64);
+                    let mut m = proto::Metric::from_label(labels(&[
+                        ("method", method),
+                        ("outcome", outcome),
+                        ("reason", reason),
+                        ("route", route),
+                        ("status_class", status_class),
+                    ]));
+                    m.set_counter(c);
+                    m
+                })
+            })
+            .collect();
         vec![
+            family(&self.requests.0, MetricType::COUNTER, requests),
             family(
                 &self.auth.0,
                 MetricType::HISTOGRAM,
@@ -816,21 +872,7 @@ mod tests {
 
     #[test]
     fn every_outcome_has_its_own_slot() {
-        let outcomes = [
-            Outcome::Unauthorized(AuthReason::Missing),
-            Outcome::Unauthorized(AuthReason::Malformed),
-            Outcome::Unauthorized(AuthReason::Unknown),
-            Outcome::Unauthorized(AuthReason::Revoked),
-            Outcome::Unauthorized(AuthReason::Expired),
-            Outcome::Forbidden,
-            Outcome::NotFound,
-            Outcome::UpstreamError(UpstreamFailure::Connect),
-            Outcome::UpstreamError(UpstreamFailure::Timeout),
-            Outcome::BadRequest,
-            Outcome::Busy,
-            Outcome::NotReady,
-            Outcome::Throttled,
-        ];
+        let outcomes = FIXED_OUTCOMES;
         let mut slots: Vec<usize> = (100..=599)
             .step_by(100)
             .map(|s| outcome_slot(Outcome::Allowed, s).0)
@@ -840,6 +882,20 @@ mod tests {
         slots.sort_unstable();
         slots.dedup();
         assert_eq!(slots.len(), OUTCOME_SLOTS);
+        // A scrape reads each slot's labels back from the slot alone.
+        for (outcome, status) in (100..=599)
+            .step_by(100)
+            .map(|s| (Outcome::Allowed, s))
+            .chain(outcomes.iter().map(|o| (*o, 0)))
+        {
+            let (slot, status_class) = outcome_slot(outcome, status);
+            let (label, reason) = outcome_labels(outcome);
+            assert_eq!(
+                slot_labels(slot),
+                (label, reason, status_class),
+                "{outcome:?} {status}"
+            );
+        }
         // Connect and request failures share the `unreachable` series on purpose.
         assert_eq!(
             outcome_slot(Outcome::UpstreamError(UpstreamFailure::Request), 0),

@@ -47,6 +47,57 @@ impl Counter {
     }
 }
 
+/// Counters per line: a line holds 16 of them.
+const PER_LINE: usize = 16;
+
+/// A fixed number of monotonic counters, addressed by index (a labelled family whose label
+/// values are known up front). Each shard is a run of whole lines, so threads never share one.
+pub struct Counters {
+    len: usize,
+    /// Lines per shard.
+    lines: usize,
+    shards: Box<[Line<[AtomicU64; PER_LINE]>]>,
+}
+
+impl Counters {
+    pub fn new(len: usize) -> Counters {
+        let lines = len.div_ceil(PER_LINE);
+        Counters {
+            len,
+            lines,
+            shards: (0..lines * SHARDS).map(|_| Line::default()).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds one to counter `index`; an index past the end counts nothing.
+    pub fn inc(&self, index: usize) {
+        if index < self.len {
+            let line = &self.shards[shard() * self.lines + index / PER_LINE].0;
+            line[index % PER_LINE].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, index: usize) -> u64 {
+        if index >= self.len {
+            return 0;
+        }
+        (0..SHARDS)
+            .map(|s| {
+                self.shards[s * self.lines + index / PER_LINE].0[index % PER_LINE]
+                    .load(Ordering::Relaxed)
+            })
+            .sum()
+    }
+}
+
 /// A gauge moved up and down (a shard may go negative; the sum is what counts).
 #[derive(Default)]
 pub struct Gauge {
@@ -186,5 +237,33 @@ mod tests {
         assert_eq!(g.get(), 12 * 600);
         assert_eq!(h.snapshot().count, 12_000);
         assert_eq!(h.snapshot().buckets, vec![(0.5, 12_000)]);
+    }
+
+    #[test]
+    fn counters_by_index_add_up_across_threads_and_lines() {
+        // 40 counters: three lines per shard, the last one partly used.
+        let c = Arc::new(Counters::new(40));
+        let threads: Vec<_> = (0..12)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        for _ in 0..(i + t) {
+                            c.inc(i);
+                        }
+                    }
+                    c.inc(40);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        for i in 0..40 {
+            // Thread t added i + t to counter i: 12 i + (0 + 1 + ... + 11).
+            assert_eq!(c.get(i), 12 * i as u64 + 66, "counter {i}");
+        }
+        assert_eq!(c.get(40), 0, "past the end counts nothing");
+        assert_eq!(c.len(), 40);
     }
 }
