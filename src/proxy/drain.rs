@@ -7,6 +7,7 @@
 //! its waker only when the waker changes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -28,10 +29,20 @@ pub struct Drain {
 impl Drain {
     /// Serves `conn` to its end, asking it to finish gracefully once `shutdown` begins.
     pub async fn watch<C: GracefulConnection>(&self, conn: C) -> C::Output {
+        self.watch_until(conn, std::future::pending()).await
+    }
+
+    /// `watch`, also asking `conn` to finish gracefully once `early` completes.
+    pub async fn watch_until<C, E>(&self, conn: C, early: E) -> C::Output
+    where
+        C: GracefulConnection,
+        E: Future<Output = ()>,
+    {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.open().insert(id, None);
         let _leave = Leave { drain: self, id };
         let mut conn = pin!(conn);
+        let mut early = pin!(early);
         let mut told = false;
         let mut known: Option<Waker> = None;
         std::future::poll_fn(|cx| {
@@ -41,7 +52,7 @@ impl Drain {
                     self.open().insert(id, known.clone());
                 }
                 // After the waker is in place: a shutdown that begins later wakes it.
-                if self.closing.load(Ordering::Acquire) {
+                if self.closing.load(Ordering::Acquire) || early.as_mut().poll(cx).is_ready() {
                     told = true;
                     conn.as_mut().graceful_shutdown();
                 }

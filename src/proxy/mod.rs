@@ -20,6 +20,7 @@
 mod body;
 mod drain;
 mod error;
+mod h2_idle;
 mod head_timer;
 mod headers;
 mod paired;
@@ -31,11 +32,13 @@ mod route;
 mod upstream;
 mod worker_keys;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+#[cfg(feature = "bench-passthrough")]
 use futures_util::future::Either;
 use futures_util::FutureExt;
 use hyper::server::conn::{http1, http2};
@@ -61,6 +64,7 @@ use crate::metrics::Metrics;
 use crate::tls::{self, CertStore, TlsError};
 use crate::usage::Usage;
 use drain::Drain;
+use h2_idle::Tracked;
 use head_timer::HeadTimer;
 use paired::paired;
 use pipeline::Conn;
@@ -499,7 +503,7 @@ async fn serve_connection<I>(
     let peer_ip = headers::client_ip_value(peer.ip());
     // The service returns the pipeline's future itself, not a block awaiting it: hyper moves
     // each request's future into place, so every byte of it is copied once per request.
-    let service = service_fn(move |req| {
+    let respond = move |req| {
         let conn = Conn {
             router: local.router(),
             worker: local.clone(),
@@ -517,18 +521,42 @@ async fn serve_connection<I>(
             Mode::Authenticate => Either::Left(pipeline::handle(conn, req)),
             Mode::PassThrough => Either::Right(pipeline::passthrough(conn, req)),
         };
-        response.map(Ok::<_, std::convert::Infallible>)
-    });
+        response
+    };
     let io = TokioIo::new(io);
-    let conn = match protocol {
+    let served = match protocol {
         Protocol::Http1 => {
-            Either::Left(worker.drain.watch(servers.h1.serve_connection(io, service)))
+            let service = service_fn(move |req| respond(req).map(Ok::<_, Infallible>));
+            let conn = worker.drain.watch(servers.h1.serve_connection(io, service));
+            paired(conn, own.drive()).await
         }
         Protocol::Http2 => {
-            Either::Right(worker.drain.watch(servers.h2.serve_connection(io, service)))
+            let streams = Arc::new(h2_idle::Streams::default());
+            let counted = streams.clone();
+            let service = service_fn(move |req| {
+                let open = counted.open();
+                respond(req).map(move |response| {
+                    Ok::<_, Infallible>(response.map(|b| Tracked::new(b, open)))
+                })
+            });
+            let limit = worker.state.header_read_timeout;
+            let conn = worker.drain.watch_until(
+                servers.h2.serve_connection(io, service),
+                streams.idle(limit),
+            );
+            // Told to go away when idle; dropped if still idle a period later.
+            let dropped = async {
+                streams.idle(limit).await;
+                streams.idle(limit).await;
+                tracing::debug!(peer = %peer, "idle HTTP/2 connection closed");
+            };
+            tokio::select! {
+                served = paired(conn, own.drive()) => served,
+                () = dropped => Ok(()),
+            }
         }
     };
-    if let Err(e) = paired(conn, own.drive()).await {
+    if let Err(e) = served {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
     }
 }

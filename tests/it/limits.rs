@@ -119,6 +119,69 @@ async fn a_slow_request_head_a_silent_client_and_an_idle_keep_alive_connection_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_not_while_a_request_or_its_body_is_open() {
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        with_proxy("header_read_timeout = \"300ms\""),
+    )
+    .await;
+    let account = app.create_account("h2-idle").await;
+    let key = app.create_key(&account, "k", &["recordings:read"]).await;
+    let get = |path: &str| {
+        http::Request::get(format!("http://kg{path}"))
+            .header("authorization", format!("Bearer {}", key.key.expose()))
+            .body(())
+            .expect("request")
+    };
+    let tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2");
+    let closed = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+
+    // A response head that takes over three idle periods: the request keeps the connection.
+    let mut client = client.ready().await.expect("ready");
+    let (response, _) = client
+        .send_request(get("/recordings/1/slow?ms=1000"), true)
+        .expect("send");
+    assert_eq!(response.await.expect("response").status(), 200);
+
+    // A body read slowly over about as long: still open, so the connection stays. Had it been
+    // told to go away meanwhile, this second request would be refused.
+    let mut client = client.ready().await.expect("still accepting streams");
+    let (response, _) = client
+        .send_request(get("/recordings/1/download?bytes=262144"), true)
+        .expect("send");
+    let response = response.await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (mut got, started) = (0, Instant::now());
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        got += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if started.elapsed() < Duration::from_millis(1000) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(got, 262_144);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // Then nothing: told to go away and closed after one to two periods, not at once.
+    let idle_from = Instant::now();
+    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .expect("connection task");
+    let idle = closed_at - idle_from;
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(2),
+        "closed after {idle:?} idle"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_are_told_the_stream_cap() {
     let app = spawn_app_with(Engine::Sqlite, with_proxy("h2_max_concurrent_streams = 7")).await;
     let tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");

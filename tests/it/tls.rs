@@ -613,3 +613,46 @@ async fn a_reload_that_needs_a_new_tls_pool_is_refused_and_the_running_routes_st
     assert_eq!(status("/moved/1").await, 200);
     assert_eq!(status("/secure/1").await, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_the_tls_handshake_is_closed_after_the_header_read_timeout() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf("listener", &["localhost"]);
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        AppOptions {
+            extra_toml: format!(
+                "[proxy.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                toml_path(&cert),
+                toml_path(&key)
+            ),
+            proxy_toml: "header_read_timeout = \"300ms\"".into(),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    // HTTP/1.1 by ALPN, no ALPN at all (HTTP/1.1 too), and h2 without its preface: each
+    // finishes the handshake, then sends nothing.
+    for alpn in [&[&b"http/1.1"[..]][..], &[], &[b"h2"]] {
+        let connector = client_tls(&pki, alpn, &[&rustls::version::TLS13]);
+        let started = std::time::Instant::now();
+        let mut stream = connect_tls(&app, &connector).await;
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    // h2: the server's SETTINGS (and a GOAWAY) may come first.
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "ALPN {alpn:?}: still open after 5 s");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "ALPN {alpn:?}: closed after {:?}",
+            started.elapsed()
+        );
+    }
+}
