@@ -1,11 +1,11 @@
 //! The idle bound of an HTTP/2 client connection. An HTTP/1 connection waiting for its next
-//! request head is closed after the header read timeout (hyper's timer); an HTTP/2 one waiting
-//! for its next stream, or for a preface that never comes, had no bound at all, so a client
-//! could hold sockets (and `max_connections` slots) for ever. Here a connection with no request
-//! open for that same time is told to go away (GOAWAY, which lets a well-behaved client finish
-//! and reconnect), and dropped if it is still idle one period later: hyper cannot shut down
-//! gracefully a connection whose client never sent its preface, and the h2 crate waits for a
-//! PING answer that a hostile client need not send.
+//! request head is closed after the header read timeout (hyper's timer); hyper sets no bound on
+//! an HTTP/2 one waiting for its next stream, or for a preface that never comes, which would let
+//! a client hold sockets (and `max_connections` slots) for ever. Here a connection with no
+//! request open for that same time is told to go away (GOAWAY, which lets a well-behaved client
+//! finish and reconnect), and dropped if it is still idle one period later: hyper cannot shut
+//! down gracefully a connection whose client never sent its preface, and the h2 crate waits for
+//! a PING answer that a hostile client need not send.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
