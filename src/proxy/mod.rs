@@ -301,6 +301,11 @@ async fn worker(
     let head_timer = HeadTimer::new(state.header_read_timeout);
     let mut h1 = http1::Builder::new();
     h1.timer(head_timer.clone())
+        // A response's head and a small body go out in one buffer and one `write`, not a
+        // `writev` of two: hyper copies the body into its head buffer (up to `max_buf_size`,
+        // then it writes). Fewer instructions per response (−480 on a 401, −440 on a
+        // forwarded request, callgrind) and no loss on a 256 MiB download.
+        .writev(false)
         // hyper starts this timer whenever it waits for a request head, so it also bounds an
         // idle keep-alive connection.
         .header_read_timeout(state.header_read_timeout)
