@@ -66,14 +66,6 @@ pub(crate) fn fails_with(o: Output, needle: &str) {
     assert!(lines[0].contains(needle), "`{needle}` not in: {err}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 both_engines! {
     async fn the_cli_issues_keys_once_and_lists_them_without_secrets(engine: Engine) {
         let db = TestDb::new(engine).await;
@@ -198,23 +190,7 @@ impl Served {
             proxy,
             cfg,
         };
-        let c = client();
-        let started = Instant::now();
-        loop {
-            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-                .body(empty())
-                .expect("req");
-            if let Ok(r) = c.request(req).await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "keygate serve did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(admin).await;
         served
     }
 

@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,6 +149,10 @@ pub struct Upstream {
     pub received: Arc<Mutex<Vec<Recorded>>>,
     /// TCP connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// TCP connections still open.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Told: finish what is in progress on each open connection, then close it.
+    closing: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -158,23 +164,35 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let received: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let open: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let closing = Arc::new(tokio::sync::Notify::new());
         let log = received.clone();
-        let accepted = connections.clone();
+        let (accepted, still_open, told) = (connections.clone(), open.clone(), closing.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let log = log.clone();
+                still_open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (log, still_open, told) = (log.clone(), still_open.clone(), told.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let log = log.clone();
                         async move { Ok::<_, Infallible>(upstream_answer(req, log).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = told.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                    still_open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
@@ -182,8 +200,21 @@ impl Upstream {
             addr,
             received,
             connections,
+            open,
+            closing,
             task,
         }
+    }
+
+    /// Closes every connection once what is in progress on it is answered, as an upstream
+    /// does when its keep-alive timeout ends or it restarts; an idle one closes at once.
+    pub fn close_connections(&self) {
+        self.closing.notify_waiters();
+    }
+
+    /// TCP connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -673,5 +704,162 @@ impl ChildLogs {
             .take()
             .map(|reader| reader.join().unwrap_or_default())
             .unwrap_or_default()
+    }
+}
+
+/// `keygate serve` as a child process with its stderr captured.
+pub struct Binary {
+    child: Child,
+    logs: ChildLogs,
+    pub proxy: u16,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Waits (up to 20 s) until a `keygate serve` child answers 200 on its admin port's `/readyz`.
+pub async fn wait_ready(admin: u16) {
+    let c = client();
+    let started = Instant::now();
+    loop {
+        let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .body(empty())
+            .expect("req");
+        if let Ok(r) = c.request(req).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "keygate serve did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A port free a moment ago, for a child process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Binary {
+    pub async fn start(
+        db_url: &str,
+        upstream: std::net::SocketAddr,
+        extra: &str,
+        args: &[&str],
+        rust_log: Option<&str>,
+    ) -> Binary {
+        let (proxy, admin) = (free_port(), free_port());
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 [database]\nurl = \"{db_url}\"\nrefresh_interval = \"100ms\"\n[last_used]\nflush_interval = \"200ms\"\n\
+                 [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
+                standard_routes(upstream)
+            ),
+        )
+        .expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.arg("--config").arg(&config).args(args).arg("serve");
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keygate serve");
+        let logs = ChildLogs::read(&mut child);
+        let binary = Binary {
+            child,
+            logs,
+            proxy,
+            config,
+            _dir: dir,
+        };
+        wait_ready(admin).await;
+        binary
+    }
+
+    /// Runs a CLI command against the same configuration; returns (stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .output()
+            .expect("run keygate");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "keygate {args:?} failed: {stderr}");
+        (stdout, stderr)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> http::StatusCode {
+        let req = http::Request::get(format!("http://127.0.0.1:{}{path}", self.proxy))
+            .header("authorization", format!("Bearer {key}"))
+            .body(empty())
+            .expect("req");
+        send_with(&client(), req).await.status
+    }
+
+    /// SIGSTOP (`pause`) or SIGCONT (`resume`): while paused, whatever reaches its sockets
+    /// waits, and is handled in one batch when it resumes.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// SIGTERM, wait for exit 0, return stderr.
+    pub fn stop(mut self) -> String {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let err = self.logs.collect();
+                assert!(status.success(), "keygate exited with {status}:\n{err}");
+                return err;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keygate did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

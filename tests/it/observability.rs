@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keygate::config::{Config, DatabaseUrl};
@@ -572,138 +572,6 @@ fn the_kubernetes_kit_agrees_with_its_own_configuration() {
         "DynamicUser=yes",
     ] {
         assert!(unit.contains(needle), "`{needle}` missing from the unit");
-    }
-}
-
-/// `keygate serve` as a child process with its stderr captured.
-struct Binary {
-    child: Child,
-    logs: ChildLogs,
-    proxy: u16,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-impl Binary {
-    async fn start(
-        db_url: &str,
-        upstream: std::net::SocketAddr,
-        extra: &str,
-        args: &[&str],
-        rust_log: Option<&str>,
-    ) -> Binary {
-        let (proxy, admin) = (free_port(), free_port());
-        let dir = tempfile::tempdir().expect("dir");
-        let config = dir.path().join("keygate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-                 [database]\nurl = \"{db_url}\"\nrefresh_interval = \"100ms\"\n[last_used]\nflush_interval = \"200ms\"\n\
-                 [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
-                standard_routes(upstream)
-            ),
-        )
-        .expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        cmd.arg("--config").arg(&config).args(args).arg("serve");
-        match rust_log {
-            Some(filter) => cmd.env("RUST_LOG", filter),
-            None => cmd.env_remove("RUST_LOG"),
-        };
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keygate serve");
-        let logs = ChildLogs::read(&mut child);
-        let binary = Binary {
-            child,
-            logs,
-            proxy,
-            config,
-            _dir: dir,
-        };
-        let c = client();
-        let started = Instant::now();
-        loop {
-            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-                .body(empty())
-                .expect("req");
-            if let Ok(r) = c.request(req).await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "keygate serve did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        binary
-    }
-
-    /// Runs a CLI command against the same configuration; returns (stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("RUST_LOG", "trace")
-            .output()
-            .expect("run keygate");
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-        assert!(out.status.success(), "keygate {args:?} failed: {stderr}");
-        (stdout, stderr)
-    }
-
-    async fn get(&self, path: &str, key: &str) -> http::StatusCode {
-        let req = http::Request::get(format!("http://127.0.0.1:{}{path}", self.proxy))
-            .header("authorization", format!("Bearer {key}"))
-            .body(empty())
-            .expect("req");
-        send_with(&client(), req).await.status
-    }
-
-    /// SIGTERM, wait for exit 0, return stderr.
-    fn stop(mut self) -> String {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                let err = self.logs.collect();
-                assert!(status.success(), "keygate exited with {status}:\n{err}");
-                return err;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keygate did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

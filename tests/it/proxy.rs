@@ -438,6 +438,74 @@ both_engines! {
     }
 }
 
+/// An upstream closes an idle keep-alive connection just as the client's next request
+/// arrives, so keygate hands the request to that connection before it has read the close.
+/// hyper gives the request back unwritten, and keygate sends it on a new connection: the
+/// client gets its answer, not a 502. keygate is paused (SIGSTOP) while the close and the
+/// request both reach its sockets, so it meets them in one batch, request first: the race,
+/// made deterministic. (With the retry replaced by a 502, this test fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_to_an_upstream_connection_that_closed_unseen_is_sent_on_a_new_one() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let upstream = Upstream::start().await;
+    let binary = Binary::start(&db.url, upstream.addr, "", &[], None).await;
+    binary.cli(&["account", "create", "billing"]);
+    let (out, _) = binary.cli(&[
+        "key",
+        "create",
+        "--account",
+        "billing",
+        "--name",
+        "primary",
+        "--scope",
+        "recordings:read",
+        "--json",
+    ]);
+    let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let key = created["key"].as_str().expect("key").to_string();
+    let request = |path: &str| {
+        Request::get(path)
+            .header("host", "keygate.test")
+            .header("x-api-key", &key)
+            .body(empty())
+            .expect("request")
+    };
+    let mut conn = one_connection(std::net::SocketAddr::from(([127, 0, 0, 1], binary.proxy))).await;
+    // The key works once the table's next refresh (every 100 ms) has it.
+    let started = Instant::now();
+    while send_on(&mut conn, request("/recordings/1")).await.status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new key never worked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(upstream.connections(), 1);
+
+    binary.pause();
+    upstream.close_connections();
+    wait_until(Duration::from_secs(5), || upstream.open_connections() == 0).await;
+    conn.ready().await.expect("client connection ready");
+    let answer = tokio::spawn(conn.send_request(request("/recordings/2")));
+    // Long enough for the request to reach keygate's socket while it is paused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    binary.resume();
+
+    let response = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .expect("request task")
+        .expect("response");
+    assert_eq!(response.status(), 200, "sent again, not refused with a 502");
+    assert_eq!(upstream.connections(), 2, "on a new upstream connection");
+    let sent: Vec<String> = upstream.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(
+        sent,
+        ["/recordings/1", "/recordings/2"],
+        "each request reached the upstream once"
+    );
+}
+
 both_engines! {
     async fn one_client_connection_can_alternate_between_upstreams(engine: Engine) {
         let other = Upstream::start().await;

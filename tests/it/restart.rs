@@ -106,14 +106,6 @@ impl Drop for Served {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn config_text(proxy: u16, admin: u16, db_url: &str, extra_proxy: &str, routes: &str) -> String {
     format!(
         "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\n{extra_proxy}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
