@@ -146,6 +146,12 @@ pub async fn run(
                     failing = false;
                 }
             }
+            // Until the key table's first load the schema may not exist yet (a first start
+            // creates it), and the sync task already warns when the database cannot be
+            // reached: nothing to add but a debug line.
+            Err(e) if synced_at.is_none() => {
+                tracing::debug!(error = %e, "heartbeat not recorded before the first table load; will retry");
+            }
             Err(e) => {
                 if !failing {
                     tracing::warn!(error = %e, "recording the heartbeat failed; will retry");

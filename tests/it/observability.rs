@@ -691,6 +691,30 @@ both_engines! {
     }
 }
 
+both_engines! {
+    /// A first start on an empty database: the schema is created, the sidecar beats, and
+    /// nothing on the way is logged as a warning but the console's setup link. (The first
+    /// heartbeat used to race the migrations and warn that its table did not exist.)
+    async fn a_first_start_on_an_empty_database_warns_of_nothing_but_the_console_setup(engine: Engine) {
+        let db = TestDb::new(engine).await;
+        let upstream = Upstream::start().await;
+        let binary = Binary::start(&db.url, upstream.addr, "", &[], None).await;
+        let store = Store::connect(&DatabaseUrl::new(db.url.clone()).expect("url"), 1).await.expect("store");
+        let started = Instant::now();
+        while store.heartbeats(0).await.map_or(true, |beats| beats.is_empty()) {
+            assert!(started.elapsed() < Duration::from_secs(10), "no heartbeat was recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let logs = strip_ansi(&binary.stop());
+        assert!(logs.contains("key table loaded"), "{logs}");
+        let warnings: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("WARN") && !l.contains("no console user exists yet"))
+            .collect();
+        assert!(warnings.is_empty(), "{warnings:#?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_reads_as_text_by_default_and_can_be_turned_off() {
     let db = TestDb::new(Engine::Sqlite).await;
