@@ -1,7 +1,7 @@
 //! The real binary: commands, their errors, and `serve` end to end with a signal to stop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::both_engines;
@@ -157,95 +157,12 @@ fn an_unreachable_database_is_named_in_one_line() {
     );
 }
 
-/// `keygate serve` as a child process, stopped with SIGTERM on drop.
-struct Served {
-    child: Child,
-    logs: ChildLogs,
-    proxy: u16,
-    cfg: ConfigFile,
-}
-
-impl Served {
-    async fn start(db_url: &str, upstream: std::net::SocketAddr, extra: &str) -> Served {
-        let (proxy, admin) = (free_port(), free_port());
-        let cfg = write_config(&format!(
-            "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [database]\nurl = \"{db_url}\"\nrefresh_interval = \"100ms\"\n[last_used]\nflush_interval = \"200ms\"\n\
-             [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
-            standard_routes(upstream)
-        ));
-        let mut child = Command::new(bin())
-            .arg("--config")
-            .arg(&cfg.path)
-            .arg("serve")
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keygate serve");
-        let logs = ChildLogs::read(&mut child);
-        let served = Served {
-            child,
-            logs,
-            proxy,
-            cfg,
-        };
-        wait_ready(admin).await;
-        served
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.proxy, path)
-    }
-
-    fn sigterm(&self) {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-    }
-
-    /// Stops with SIGTERM and returns (exit success, stderr).
-    fn stop(mut self) -> (bool, String) {
-        self.sigterm();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status.success(), self.logs.collect());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keygate did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 both_engines! {
     async fn the_binary_serves_authenticates_revokes_and_stops_cleanly_on_sigterm(engine: Engine) {
         let db = TestDb::new(engine).await;
         let upstream = Upstream::start().await;
-        let served = Served::start(&db.url, upstream.addr, "").await;
-        let cfg = served.cfg.path.clone();
+        let served = Binary::start(&db.url, upstream.addr, "", &[], Some("debug")).await;
+        let cfg = served.config().to_path_buf();
         ok(keygate(&cfg, &["account", "create", "alerts"]));
         let out = ok(keygate(&cfg, &["key", "create", "--account", "alerts", "--name", "v1", "--scope", "tickets:write", "--json"]));
         let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
@@ -274,7 +191,7 @@ both_engines! {
             assert!(started.elapsed() < Duration::from_secs(2), "revoked key still accepted by the binary");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (success, logs) = served.stop();
+        let (success, logs) = served.stop_status();
         assert!(success, "exit status 0 after SIGTERM; logs:\n{logs}");
         assert!(logs.contains("keygate stopped"), "{logs}");
         assert!(!logs.contains(&key[9..]), "a log line contained the key");
@@ -392,8 +309,15 @@ both_engines! {
 async fn the_binary_streams_large_bodies_in_bounded_memory() {
     let db = TestDb::new(Engine::Sqlite).await;
     let upstream = Upstream::start().await;
-    let served = Served::start(&db.url, upstream.addr, "[log]\naccess_log = false").await;
-    let cfg = served.cfg.path.clone();
+    let served = Binary::start(
+        &db.url,
+        upstream.addr,
+        "[log]\naccess_log = false",
+        &[],
+        Some("debug"),
+    )
+    .await;
+    let cfg = served.config().to_path_buf();
     ok(keygate(&cfg, &["account", "create", "exporter"]));
     let out = ok(keygate(
         &cfg,
@@ -448,6 +372,6 @@ async fn the_binary_streams_large_bodies_in_bounded_memory() {
         peak < 64 * 1024,
         "peak resident memory {peak} KiB for 256 MiB each way"
     );
-    let (success, _) = served.stop();
+    let (success, _) = served.stop_status();
     assert!(success);
 }

@@ -836,17 +836,23 @@ impl Binary {
 
     /// SIGTERM, wait for exit 0, return stderr.
     pub fn stop(mut self) -> String {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
+        let (status, err) = self.terminate();
+        assert!(status.success(), "keygate exited with {status}:\n{err}");
+        err
+    }
+
+    /// SIGTERM; (whether it exited 0, stderr).
+    pub fn stop_status(mut self) -> (bool, String) {
+        let (status, err) = self.terminate();
+        (status.success(), err)
+    }
+
+    fn terminate(&mut self) -> (std::process::ExitStatus, String) {
+        self.signal("-TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                let err = self.logs.collect();
-                assert!(status.success(), "keygate exited with {status}:\n{err}");
-                return err;
+                return (status, self.logs.collect());
             }
             assert!(
                 Instant::now() < deadline,
@@ -855,6 +861,27 @@ impl Binary {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// The configuration file it runs with, for CLI commands against the same database.
+    pub fn config(&self) -> &std::path::Path {
+        &self.config
+    }
+
+    /// A URL on its proxy listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.proxy)
+    }
+
+    /// Its peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
 }
 
 impl Drop for Binary {
@@ -862,4 +889,26 @@ impl Drop for Binary {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads `stream` until the peer closes it (or it fails); what it sent, or `None` when it is
+/// still open after `limit`.
+pub async fn read_until_closed<S>(stream: &mut S, limit: Duration) -> Option<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| out)
 }

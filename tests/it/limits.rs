@@ -16,23 +16,6 @@ fn with_proxy(proxy_toml: &str) -> AppOptions {
     }
 }
 
-/// Reads until the peer closes the connection; returns the bytes read, or `None` on timeout.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    tokio::time::timeout(limit, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .ok()
-    .map(|()| out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_a_new_client_waits_until_one_closes() {
     let app = spawn_app_with(Engine::Sqlite, with_proxy("max_connections = 2")).await;
