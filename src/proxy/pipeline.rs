@@ -238,10 +238,10 @@ fn send(
     impl Future<Output = Answer> + Send + 'static,
 > {
     let route = conn.router.route(grant.route);
-    let sending = conn
-        .worker
-        .client
-        .send(&conn.own, route, out.dedicated, out.request);
+    let sending =
+        conn.worker
+            .client
+            .send(&conn.own, route, out.dedicated, out.request, authorised_at);
     Forward::new(conn, sending, out.audited, authorised_at, grant, ending)
 }
 

@@ -103,12 +103,15 @@ impl UpstreamClient {
     /// goes into a boxed future. The result borrows nothing, so the request's future can own
     /// it beside the connection it is polled with, and the request is held once, inside
     /// hyper's send, rather than once per layer of futures.
+    /// `decided_at` is when the request was authorised, a moment ago: the response deadline
+    /// counts from it, which spares a clock read.
     pub fn send(
         &self,
         own: &Arc<Dedicated>,
         route: &Route,
         dedicated: bool,
         req: Request<OutboundBody>,
+        decided_at: std::time::Instant,
     ) -> Sending<
         impl Future<Output = QueuedAnswer> + Send + 'static,
         impl Future<Output = Answer> + Send + 'static,
@@ -121,7 +124,7 @@ impl UpstreamClient {
         let authority = &route.upstream.authority;
         match own.take_sender(authority) {
             Some(mut sender) if sender.is_ready() => {
-                own.arm(self.response_timeout);
+                own.arm_from(decided_at.into(), self.response_timeout);
                 let fut = sender.try_send_request(req);
                 Sending::Queued {
                     sender: Some(sender),
@@ -289,7 +292,7 @@ async fn send_dedicated(
             // Closed while idle (the upstream's keep-alive ended): open a fresh one.
             continue;
         }
-        own.arm(limit);
+        own.arm_from(tokio::time::Instant::now(), limit);
         match own.within(sender.try_send_request(req)).await {
             Ok(Ok(response)) => {
                 own.put_sender(&authority, sender);
@@ -408,12 +411,12 @@ impl<F: Future> Future for Within<'_, F> {
 }
 
 impl Dedicated {
-    /// Sets the response deadline `limit` from now, on this connection's own timer. A fresh
+    /// Sets the response deadline `limit` after `start`, on this connection's own timer. A fresh
     /// timer per request would be inserted into and removed from the runtime's timer wheel each
     /// time; moving an armed timer's deadline later only stores the new deadline, and the wheel
     /// re-files the timer if its old deadline comes first.
-    fn arm(&self, limit: Duration) {
-        let at = tokio::time::Instant::now() + limit;
+    fn arm_from(&self, start: tokio::time::Instant, limit: Duration) {
+        let at = start + limit;
         let mut inner = self.lock();
         match inner.deadline.as_mut() {
             Some(sleep) => sleep.as_mut().reset(at),
