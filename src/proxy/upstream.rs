@@ -103,6 +103,7 @@ impl UpstreamClient {
     /// goes into a boxed future. The result borrows nothing, so the request's future can own
     /// it beside the connection it is polled with, and the request is held once, inside
     /// hyper's send, rather than once per layer of futures.
+    ///
     /// `decided_at` is when the request was authorised, a moment ago: the response deadline
     /// counts from it, which spares a clock read.
     pub fn send(
