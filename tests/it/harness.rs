@@ -807,6 +807,25 @@ impl Binary {
         (stdout, stderr)
     }
 
+    /// Issues a key with one scope by the CLI (`key create --json`); returns (the key, the
+    /// command's stderr).
+    pub fn create_key(&self, account: &str, name: &str, scope: &str) -> (String, String) {
+        let (out, err) = self.cli(&[
+            "key",
+            "create",
+            "--account",
+            account,
+            "--name",
+            name,
+            "--scope",
+            scope,
+            "--json",
+        ]);
+        let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        let key = created["key"].as_str().expect("key").to_string();
+        (key, err)
+    }
+
     pub async fn get(&self, path: &str, key: &str) -> http::StatusCode {
         let req = http::Request::get(format!("http://127.0.0.1:{}{path}", self.proxy))
             .header("authorization", format!("Bearer {key}"))

@@ -602,10 +602,9 @@ both_engines! {
         cli_logs.push_str(&e);
         let mut keys = Vec::new();
         for name in ["current", "old"] {
-            let (out, e) = binary.cli(&["key", "create", "--account", "billing", "--name", name, "--scope", "recordings:read", "--json"]);
+            let (key, e) = binary.create_key("billing", name, "recordings:read");
             cli_logs.push_str(&e);
-            let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-            keys.push(created["key"].as_str().expect("key").to_string());
+            keys.push(key);
         }
         let (good, old) = (keys[0].clone(), keys[1].clone());
 

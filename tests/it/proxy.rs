@@ -450,19 +450,7 @@ async fn a_request_given_to_an_upstream_connection_that_closed_unseen_is_sent_on
     let upstream = Upstream::start().await;
     let binary = Binary::start(&db.url, upstream.addr, "", &[], None).await;
     binary.cli(&["account", "create", "billing"]);
-    let (out, _) = binary.cli(&[
-        "key",
-        "create",
-        "--account",
-        "billing",
-        "--name",
-        "primary",
-        "--scope",
-        "recordings:read",
-        "--json",
-    ]);
-    let created: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    let key = created["key"].as_str().expect("key").to_string();
+    let (key, _) = binary.create_key("billing", "primary", "recordings:read");
     let request = |path: &str| {
         Request::get(path)
             .header("host", "keygate.test")
