@@ -236,9 +236,14 @@ mod tests {
     #[test]
     fn a_full_worker_serves_further_keys_from_the_table() {
         let table = KeyTable::new();
-        let texts: Vec<String> = (0..CAPACITY + 1)
-            .map(|_| generate(KeyKind::ServiceAccount).prefix().to_string())
-            .collect();
+        // Distinct prefixes: among 4,097 random ones, two are the same about once in a
+        // hundred runs (62^5 of them), and the table would hold one key fewer.
+        let mut seen = std::collections::HashSet::new();
+        let texts: Vec<String> =
+            std::iter::repeat_with(|| generate(KeyKind::ServiceAccount).prefix().to_string())
+                .filter(|t| seen.insert(t.clone()))
+                .take(CAPACITY + 1)
+                .collect();
         table.replace_all(
             texts
                 .iter()
