@@ -107,9 +107,14 @@ async fn serve(client: TcpStream, upstream: SocketAddr) {
     });
     let server =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    tokio::pin!(server);
     tokio::select! {
         biased;
-        _ = server => {}
-        _ = up_conn => {}
+        _ = &mut server => {}
+        // The upstream closed its side (a client's `Connection: close` goes through unchanged):
+        // the response it sent last may still be on its way to the client.
+        _ = up_conn => {
+            let _ = server.await;
+        }
     }
 }

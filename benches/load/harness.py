@@ -11,7 +11,8 @@ reported. Besides requests/s and latency it reads the CPU time the proxy process
             upstream direct, the floor (a minimal hyper proxy, examples/bench_floor.rs), the
             pass-through build, keygate with real keys, nginx with a key map, and nginx with a
             key map that also sets the headers keygate sets; the 401 path of keygate and nginx
-            at 16 and 128
+            at 16 and 128; and at 16, a new connection for every request (Connection: close)
+            through the floor, the pass-through, keygate and nginx
     h2      h2load, cleartext HTTP/2 with prior knowledge (h2c), 16 and 64 connections with
             10 streams each, against pass-through, keygate and nginx
     tls     the same three with TLS on the listener, one self-signed ECDSA P-256 certificate
@@ -52,6 +53,7 @@ PASS_THROUGH, KEYGATE, NGINX = "pass-through (keygate, no auth)", "keygate", "ng
 FLOOR = "hyper floor (no keygate code)"
 NGINX_SAME = "nginx + key map, keygate's headers"
 UPLOAD_TARGET_MB = 64
+CHURN_CONNS = 16
 
 
 def free_port():
@@ -79,6 +81,28 @@ def wait_ready(admin_port):
         except Exception:
             time.sleep(0.05)
     raise SystemExit(f"keygate on admin port {admin_port} never became ready")
+
+
+def keygate_config(port, admin, db, up_port, tls=None):
+    """keygate's configuration for a bench: one route for everything to the upstream, access
+    log off; `tls` is (certificate, key) files for the listener."""
+    tls_section = f'[proxy.tls]\ncert_file = "{tls[0]}"\nkey_file = "{tls[1]}"\n' if tls else ""
+    return f"""
+[proxy]
+listen = "127.0.0.1:{port}"
+{tls_section}[admin]
+listen = "127.0.0.1:{admin}"
+[database]
+url = "{db}"
+[log]
+filter = "warn"
+access_log = false
+[[routes]]
+name = "bench"
+path_prefix = "/"
+upstream = "http://127.0.0.1:{up_port}"
+scope = "bench"
+"""
 
 
 def cpu_ticks(pids):
@@ -373,23 +397,7 @@ def main():
         """keygate with the seeded database and one route to the upstream; (process, port)."""
         port, admin = free_port(), free_port()
         config = work / f"{name}.toml"
-        tls_section = f'[proxy.tls]\ncert_file = "{cert}"\nkey_file = "{cert_key}"\n' if tls else ""
-        config.write_text(f"""
-[proxy]
-listen = "127.0.0.1:{port}"
-{tls_section}[admin]
-listen = "127.0.0.1:{admin}"
-[database]
-url = "{db}"
-[log]
-filter = "warn"
-access_log = false
-[[routes]]
-name = "bench"
-path_prefix = "/"
-upstream = "http://127.0.0.1:{up_port}"
-scope = "bench"
-""")
+        config.write_text(keygate_config(port, admin, db, up_port, (cert, cert_key) if tls else None))
         p = spawn([str(release / "keygate"), "--config", str(config), "serve"], log=name)
         wait_ready(admin)
         return p, port
@@ -438,7 +446,7 @@ scope = "bench"
                 wait_port(port)
 
         lua = HERE / "report.lua"
-        targets, rejects, h2_targets, tls_targets = [], [], [], []
+        targets, rejects, churn, h2_targets, tls_targets = [], [], [], [], []
         if conns_list or h2_settings:
             keygate, kg_port = start_keygate("keygate")
             passthrough, pt_port = start_passthrough()
@@ -453,6 +461,11 @@ scope = "bench"
                 Target(NGINX, ng_port, nginx_pids, [key_header]),
                 Target(NGINX_SAME, ng_same_port, nginx_pids, [key_header]),
             ]
+            # Clients that open a connection for each request (`Connection: close`): what a
+            # connection costs, where keep-alive hides it.
+            churn = [Target(f"{t.name}, new connection per request", t.port, t.pids_fn,
+                            t.headers + ["Connection: close"])
+                     for t in targets if t.name in (FLOOR, PASS_THROUGH, KEYGATE, NGINX)]
             rejects = [
                 Target("keygate 401 (bad key)", kg_port, lambda: [keygate.pid], [f"X-Api-Key: {bad_key}"]),
                 Target("nginx 401 (bad key)", ng_port, nginx_pids, [f"X-Api-Key: {bad_key}"]),
@@ -475,7 +488,7 @@ scope = "bench"
             tls_sessions = {t.name: tls_session(t.port) for t in tls_targets}
 
         # Sanity: every target answers as expected before measuring.
-        for t in (targets if conns_list else []) + (tls_targets if tls_conns else []):
+        for t in (targets + churn if conns_list else []) + (tls_targets if tls_conns else []):
             r = run_wrk(t, 1, 1, lua)
             assert r["non2xx"] == 0 and r["errors"] == 0, f"{t.name} ({t.scheme}) is not answering 200: {r}"
         for t in (h2_targets if h2_settings else []) + (tls_targets if tls_h2 else []):
@@ -486,7 +499,7 @@ scope = "bench"
         for rnd in range(args.rounds):
             tag = f"round {rnd + 1}/{args.rounds}"
             for conns in conns_list:
-                for t in targets + (rejects if conns in (16, 128) else []):
+                for t in targets + (rejects if conns in (16, 128) else []) + (churn if conns == CHURN_CONNS else []):
                     print(f"{tag}  h1 {conns:>3} conns  {t.name}", file=sys.stderr)
                     results.setdefault((t.name, conns), []).append(run_wrk(t, conns, args.duration, lua))
             for c, m in h2_settings:
@@ -525,6 +538,7 @@ scope = "bench"
                 "|---:|---|---:|---:|---:|---:|---:|---:|",
             ]
             summary, rows = wrk_rows(results, conns_list, targets + rejects)
+            churn_summary, churn_rows = wrk_rows(results, [CHURN_CONNS], churn)
             lines += rows
             lines += ["", "Ratios (same run):", "",
                       "| conns | keygate / pass-through req/s | keygate − pass-through CPU µs/req | keygate / nginx req/s | keygate / nginx CPU | keygate p99 / nginx p99 |",
@@ -568,6 +582,18 @@ scope = "bench"
                                  f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate, using "
                                  f"{fmt_cpu(rej['cpu'])} µs of CPU per refusal against the upstream's "
                                  f"{fmt_cpu(up['cpu'])} µs per answer.")
+            if churn_rows:
+                lines += ["", f"A new connection for every request (`Connection: close`, {CHURN_CONNS} at a time, same "
+                          "rounds): each request pays a TCP handshake and teardown with the proxy; keygate, its "
+                          "pass-through and the floor also open an upstream connection for it (an HTTP/1 client's "
+                          "upstream connection is its own), nginx takes one from its keepalive pool:", "",
+                          "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
+                          "|---:|---|---:|---:|---:|---:|---:|---:|"] + churn_rows
+                kg = churn_summary.get((f"{KEYGATE}, new connection per request", CHURN_CONNS))
+                ng = churn_summary.get((f"{NGINX}, new connection per request", CHURN_CONNS))
+                if kg and ng:
+                    lines += ["", f"keygate / nginx with a new connection per request: {kg['rps'] / ng['rps']:.3f}× "
+                              f"req/s at {kg['cpu'] / ng['cpu']:.3f}× the CPU per request."]
         else:
             summary = {}
         if h2_settings:
