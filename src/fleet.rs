@@ -103,6 +103,15 @@ pub async fn run(
     let mut next_beat = Instant::now();
     let mut failing = false;
     let mut beats = 0u32;
+    // Not while a first start creates the schema: on SQLite, another connection writing
+    // meanwhile can make a migration step fail with "database is locked" (seen once in CI; the
+    // start warned and retried).
+    while !status.migration_tried() {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next_beat) => {}

@@ -212,6 +212,7 @@ pub async fn start(
         }),
         tokio::spawn(admin::run_auto_retire(
             manager,
+            sync_status.clone(),
             config.database.refresh_interval,
             stop_background.clone(),
         )),

@@ -39,6 +39,10 @@ pub struct SyncStatus {
     database_ok: AtomicBool,
     listening: AtomicBool,
     reloads: AtomicU64,
+    /// Whether the first attempt to migrate the schema has ended, either way.
+    migration_tried: AtomicBool,
+    /// Whether the schema has been migrated (it exists and is this version's).
+    migrated: AtomicBool,
     /// Woken whenever a change has been applied, so the heartbeat reports it promptly.
     pub(crate) applied: Notify,
 }
@@ -51,6 +55,8 @@ impl Default for SyncStatus {
             database_ok: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             reloads: AtomicU64::new(0),
+            migration_tried: AtomicBool::new(false),
+            migrated: AtomicBool::new(false),
             applied: Notify::new(),
         }
     }
@@ -84,6 +90,16 @@ impl SyncStatus {
     /// Whole-table loads, the first included.
     pub fn reloads(&self) -> u64 {
         self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Whether the first attempt to migrate the schema has ended (succeeded or failed).
+    pub fn migration_tried(&self) -> bool {
+        self.migration_tried.load(Ordering::Acquire)
+    }
+
+    /// Whether the schema has been migrated: the tables this version uses exist.
+    pub fn migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
     }
 }
 
@@ -155,7 +171,12 @@ pub async fn run(
     let mut backoff = Backoff::new();
     loop {
         let attempt = async {
-            store.migrate().await?;
+            let migrated = store.migrate().await;
+            if migrated.is_ok() {
+                status.migrated.store(true, Ordering::Release);
+            }
+            status.migration_tried.store(true, Ordering::Release);
+            migrated?;
             timed_load().await
         };
         let result = tokio::select! {

@@ -193,9 +193,18 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
 /// Auto-retire: every `interval`, revokes replaced keys that meet their retire rule.
 pub async fn run_auto_retire(
     manager: Arc<Manager>,
+    sync: Arc<SyncStatus>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    // The check reads tables a first start creates: not before they exist (on a slow first
+    // start it warned that `api_key_usage` did not exist).
+    while !sync.migrated() {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
