@@ -123,12 +123,16 @@ def measure(target, args, release, work, up_port, key):
         if admin:
             wait_port(admin, timeout=120)
             # Loaded and serving: the table load must not fall inside the measured requests.
-            for _ in range(600):
+            for _ in range(60):
+                if proc.poll() is not None:
+                    raise SystemExit(f"keygate exited under callgrind: see {work / (target + '.log')}")
                 try:
                     wait_ready(admin)
                     break
                 except SystemExit:
                     time.sleep(0.5)
+            else:
+                raise SystemExit("keygate under callgrind never became ready")
         asyncio.run(drive(port, args.conns, max(args.conns, args.requests // 10), key))
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         statuses = asyncio.run(drive(port, args.conns, args.requests, key))
@@ -145,13 +149,13 @@ def measure(target, args, release, work, up_port, key):
         total = sum(c[0] for c in costs.values())
         per_thread.append((total, dump.name.rsplit("-", 1)[1], events, costs))
     grand = sum(t[0] for t in per_thread)
-    # The threads that served the requests: the workers, which share the connections evenly
-    # (round-robin), so each did at least half of what the busiest did. The rest keep time:
-    # the database, timers and flushes run on their intervals, and under callgrind a run lasts
-    # some seconds where it would take a fraction of one, so their work per request is inflated
-    # many times; they are listed by thread, not counted as serving.
-    busiest = max(t[0] for t in per_thread)
-    busy = [t for t in per_thread if t[0] >= busiest / 2]
+    # The threads that served the requests: those that ran hyper's HTTP/1 connections. The rest
+    # keep time: the database, timers and flushes run on their intervals, and under callgrind a
+    # run lasts some seconds where it would take a fraction of one, so their work per request
+    # is inflated many times; they are listed by thread, not counted as serving.
+    busy = [t for t in per_thread if any("hyper::proto::h1::dispatch" in fn for fn in t[3])]
+    if not busy:
+        raise SystemExit(f"no thread of {target} ran hyper's HTTP/1 dispatcher: nothing was served?")
     events = busy[0][2]
     merged = collections.defaultdict(lambda: [0] * len(events))
     for _, _, _, costs in busy:
