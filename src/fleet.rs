@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::keys::KeyTable;
 use crate::store::{Heartbeat, Store, StoreError};
-use crate::sync::SyncStatus;
+use crate::sync::{Schema, SyncStatus};
 
 /// A sidecar missing this many heartbeats in a row no longer counts as live.
 const LIVE_BEATS: u32 = 3;
@@ -105,12 +105,11 @@ pub async fn run(
     let mut beats = 0u32;
     // Not while a first start creates the schema: on SQLite, another connection writing
     // meanwhile can make a migration step fail with "database is locked" (seen once in CI; the
-    // start warned and retried).
-    while !status.migration_tried() {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(20)) => {}
-            () = shutdown.cancelled() => return,
-        }
+    // start warned and retried). A first attempt that failed does not hold it back: a sidecar
+    // whose migrations keep failing still reports itself.
+    tokio::select! {
+        () = status.schema_at_least(Schema::Failed) => {}
+        () = shutdown.cancelled() => return,
     }
     loop {
         tokio::select! {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,10 +39,9 @@ pub struct SyncStatus {
     database_ok: AtomicBool,
     listening: AtomicBool,
     reloads: AtomicU64,
-    /// Whether the first attempt to migrate the schema has ended, either way.
-    migration_tried: AtomicBool,
-    /// Whether the schema has been migrated (it exists and is this version's).
-    migrated: AtomicBool,
+    /// How far migrating the schema has got, for the tasks that must not touch the database
+    /// before it exists.
+    schema: watch::Sender<Schema>,
     /// Woken whenever a change has been applied, so the heartbeat reports it promptly.
     pub(crate) applied: Notify,
 }
@@ -55,8 +54,7 @@ impl Default for SyncStatus {
             database_ok: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             reloads: AtomicU64::new(0),
-            migration_tried: AtomicBool::new(false),
-            migrated: AtomicBool::new(false),
+            schema: watch::Sender::new(Schema::Untried),
             applied: Notify::new(),
         }
     }
@@ -92,15 +90,40 @@ impl SyncStatus {
         self.reloads.load(Ordering::Relaxed)
     }
 
-    /// Whether the first attempt to migrate the schema has ended (succeeded or failed).
-    pub fn migration_tried(&self) -> bool {
-        self.migration_tried.load(Ordering::Acquire)
+    /// Waits until migrating the schema has got as far as `wanted`: `Schema::Failed` once the
+    /// first attempt has ended either way, `Schema::Migrated` once one has succeeded.
+    pub async fn schema_at_least(&self, wanted: Schema) {
+        let mut schema = self.schema.subscribe();
+        // Never an error: `self` holds the sender.
+        let _ = schema.wait_for(|now| *now >= wanted).await;
     }
 
-    /// Whether the schema has been migrated: the tables this version uses exist.
-    pub fn migrated(&self) -> bool {
-        self.migrated.load(Ordering::Acquire)
+    /// Records a migration attempt's outcome; a schema once migrated stays so.
+    fn schema_attempted(&self, migrated: bool) {
+        let outcome = if migrated {
+            Schema::Migrated
+        } else {
+            Schema::Failed
+        };
+        self.schema.send_if_modified(|now| {
+            let raised = outcome > *now;
+            if raised {
+                *now = outcome;
+            }
+            raised
+        });
     }
+}
+
+/// How far migrating the schema has got, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Schema {
+    /// Not yet tried: a first start may be creating the tables right now.
+    Untried,
+    /// Tried and failed; the tables may not exist.
+    Failed,
+    /// The tables this version uses exist.
+    Migrated,
 }
 
 /// Loads every key into `table`, building the new table from rows as they arrive; the old one
@@ -172,10 +195,7 @@ pub async fn run(
     loop {
         let attempt = async {
             let migrated = store.migrate().await;
-            if migrated.is_ok() {
-                status.migrated.store(true, Ordering::Release);
-            }
-            status.migration_tried.store(true, Ordering::Release);
+            status.schema_attempted(migrated.is_ok());
             migrated?;
             timed_load().await
         };
@@ -391,6 +411,33 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn waiters_hear_how_far_the_schema_got_and_a_migrated_schema_stays_so() {
+        let status = Arc::new(SyncStatus::new());
+        let waiting = |wanted| {
+            let status = status.clone();
+            tokio::spawn(async move { status.schema_at_least(wanted).await })
+        };
+        let (any_outcome, migrated) = (waiting(Schema::Failed), waiting(Schema::Migrated));
+        tokio::task::yield_now().await;
+        assert!(!any_outcome.is_finished() && !migrated.is_finished());
+
+        status.schema_attempted(false);
+        any_outcome.await.expect("woken by a failed attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !migrated.is_finished(),
+            "a failed attempt is not a migrated schema"
+        );
+
+        status.schema_attempted(true);
+        migrated.await.expect("woken once migrated");
+        status.schema_attempted(false);
+        assert_eq!(*status.schema.borrow(), Schema::Migrated);
+        // Already there: returns at once.
+        status.schema_at_least(Schema::Migrated).await;
+    }
 
     #[test]
     fn payloads_parse_strictly() {

@@ -29,7 +29,7 @@ use crate::keys::{KeyTable, Scope, Scopes};
 use crate::manage::Manager;
 use crate::metrics::{self, Metrics};
 use crate::store::Store;
-use crate::sync::SyncStatus;
+use crate::sync::{Schema, SyncStatus};
 
 pub use error::{AdminError, ISSUANCE_FORBIDDEN, PAIRING_FORBIDDEN};
 
@@ -199,11 +199,9 @@ pub async fn run_auto_retire(
 ) {
     // The check reads tables a first start creates: not before they exist (on a slow first
     // start it warned that `api_key_usage` did not exist).
-    while !sync.migrated() {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(20)) => {}
-            () = shutdown.cancelled() => return,
-        }
+    tokio::select! {
+        () = sync.schema_at_least(Schema::Migrated) => {}
+        () = shutdown.cancelled() => return,
     }
     loop {
         tokio::select! {
