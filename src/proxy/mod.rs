@@ -320,6 +320,7 @@ async fn worker(
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
     let servers = Arc::new(Servers { h1, h2 });
     tokio::spawn(head_timer.sweep());
+    tokio::spawn(client.parked().sweep());
     // What a request clones: this worker's own handle, so the reference count it bumps is
     // never shared with another thread (the shared state's would bounce between cores).
     let local = Arc::new(Worker {
@@ -511,7 +512,7 @@ async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protoco
 }
 
 /// Serves one client connection. Its own upstream connection (HTTP/1 clients) is driven by
-/// this same task.
+/// this same task, and parked for the worker's next client connection when this one ends.
 async fn serve_connection<I>(
     servers: &Servers,
     protocol: Protocol,
@@ -554,14 +555,17 @@ async fn serve_connection<I>(
         // Built where it is awaited: a connection bound to a name, then moved into `paired`,
         // would be stored in this future twice (2,368 bytes more).
         Protocol::Http1 => {
-            paired(
+            let served = paired(
                 {
                     let service = service_fn(move |req| respond(req).map(Ok::<_, Infallible>));
                     worker.drain.watch(servers.h1.serve_connection(io, service))
                 },
                 own.drive(),
             )
-            .await
+            .await;
+            // Its upstream connection, if idle, serves this worker's next client connection.
+            worker.client.park(&own);
+            served
         }
         // Boxed, so an HTTP/1 connection's task does not carry room for it.
         Protocol::Http2 => {

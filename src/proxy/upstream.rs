@@ -5,7 +5,12 @@
 //! pools (hyper-util's client; over rustls for `https://`, one pool per such route with its own
 //! trust and client certificate). Either way the response head has a deadline and failures map
 //! to 502/504.
+//!
+//! When a client connection ends with its upstream connection idle, the connection is parked
+//! for the worker's next client connection (`Parked`): a client that opens a connection per
+//! request then costs one TCP handshake per request, not two.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -60,6 +65,8 @@ pub struct UpstreamClient {
     /// One pool per `https://` route, by route name (few routes: a scan beats a hash).
     https: Vec<(String, HttpsClient)>,
     response_timeout: Duration,
+    /// Idle upstream connections left by ended client connections, for the next ones.
+    parked: Arc<Parked>,
 }
 
 impl UpstreamClient {
@@ -94,7 +101,21 @@ impl UpstreamClient {
             pool,
             https,
             response_timeout,
+            parked: Arc::default(),
         })
+    }
+
+    /// This worker's parked upstream connections (for `Parked::sweep`).
+    pub fn parked(&self) -> Arc<Parked> {
+        self.parked.clone()
+    }
+
+    /// Called when a client connection has ended: parks its upstream connection if that is
+    /// idle, with its last exchange complete.
+    pub fn park(&self, own: &Dedicated) {
+        if let Some(idle) = own.take_idle() {
+            self.parked.park(idle, tokio::time::Instant::now());
+        }
     }
 
     /// Step 8's first half, without waiting: hands `req` to hyper. A request for the client
@@ -123,7 +144,13 @@ impl UpstreamClient {
             };
         }
         let authority = &route.upstream.authority;
-        match own.take_sender(authority) {
+        // A new client connection's first request: an upstream connection a finished one left.
+        let sender = own.take_sender(authority).or_else(|| {
+            let (sender, connection) = self.parked.take(authority, tokio::time::Instant::now())?;
+            own.install_boxed(authority.clone(), connection);
+            Some(sender)
+        });
+        match sender {
             Some(mut sender) if sender.is_ready() => {
                 own.arm_from(decided_at.into(), self.response_timeout);
                 let fut = sender.try_send_request(req);
@@ -489,13 +516,34 @@ impl Dedicated {
     /// Replaces the upstream connection (a client connection talks to one upstream at a time;
     /// switching routes to another origin closes the old one).
     fn install(&self, authority: Authority, connection: UpstreamConnection) {
+        self.install_boxed(authority, Box::pin(connection));
+    }
+
+    fn install_boxed(&self, authority: Authority, connection: Pin<Box<UpstreamConnection>>) {
         let mut inner = self.lock();
         inner.authority = Some(authority);
         inner.sender = None;
-        inner.connection = Some(Box::pin(connection));
+        inner.connection = Some(connection);
+        // `drive` polls it from now on (and sends what is queued on it).
         if let Some(w) = inner.waker.as_ref() {
             w.wake_by_ref();
         }
+    }
+
+    /// Takes the upstream connection out if it is idle: its sender is back (the last
+    /// response head arrived) and ready (hyper's connection has finished the last exchange,
+    /// its response body included, and can take a request). A connection whose response body
+    /// was left unread is never ready, so it is not handed on; it closes when `self` drops.
+    fn take_idle(&self) -> Option<Idle> {
+        let mut inner = self.lock();
+        if !inner.sender.as_ref().is_some_and(|s| s.is_ready()) {
+            return None;
+        }
+        Some(Idle {
+            authority: inner.authority.take()?,
+            sender: inner.sender.take()?,
+            connection: inner.connection.take()?,
+        })
     }
 
     fn close(&self) {
@@ -504,6 +552,108 @@ impl Dedicated {
         inner.sender = None;
         inner.authority = None;
     }
+}
+
+/// An idle upstream connection, out of its client connection.
+struct Idle {
+    authority: Authority,
+    sender: http1::SendRequest<OutboundBody>,
+    connection: Pin<Box<UpstreamConnection>>,
+}
+
+/// How long a parked connection is kept. Short: a client that opens a connection per request
+/// comes back within milliseconds, and an upstream that closes idle connections (Node.js does
+/// after 5 s) must not close one just as a request is written to it.
+const PARKED_IDLE: Duration = Duration::from_secs(2);
+
+/// Parked connections kept per worker at most; past it the oldest closes.
+const PARKED_MAX: usize = 64;
+
+/// One worker's idle upstream connections whose client connections have ended, newest last.
+/// Nothing polls a parked connection: it is checked when parked and when taken (a poll sees
+/// an upstream's close or stray bytes, and ends it), and dropped after `PARKED_IDLE`.
+#[derive(Default)]
+pub struct Parked {
+    idle: Mutex<VecDeque<(tokio::time::Instant, Idle)>>,
+}
+
+impl Parked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(tokio::time::Instant, Idle)>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn park(&self, mut idle: Idle, now: tokio::time::Instant) {
+        if !still_open(&mut idle) {
+            return;
+        }
+        let mut parked = self.lock();
+        while parked.len() >= PARKED_MAX {
+            parked.pop_front();
+        }
+        parked.push_back((now, idle));
+    }
+
+    /// The newest parked connection to `authority` that is still open and ready, if any.
+    fn take(
+        &self,
+        authority: &Authority,
+        now: tokio::time::Instant,
+    ) -> Option<(
+        http1::SendRequest<OutboundBody>,
+        Pin<Box<UpstreamConnection>>,
+    )> {
+        let mut parked = self.lock();
+        let _expired = expire(&mut parked, now);
+        while let Some(at) = parked
+            .iter()
+            .rposition(|(_, idle)| same_origin(Some(&idle.authority), authority))
+        {
+            let (_, mut idle) = parked.remove(at)?;
+            if still_open(&mut idle) {
+                return Some((idle.sender, idle.connection));
+            }
+        }
+        None
+    }
+
+    /// Closes parked connections past `PARKED_IDLE`, every second, for as long as the worker
+    /// runs.
+    pub async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let now = tick.tick().await;
+            // Closed outside the lock.
+            let expired = expire(&mut self.lock(), now);
+            drop(expired);
+        }
+    }
+
+    /// Parked connections now (tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Takes the parked connections past `PARKED_IDLE` out (the oldest are at the front), for the
+/// caller to drop.
+fn expire(
+    parked: &mut VecDeque<(tokio::time::Instant, Idle)>,
+    now: tokio::time::Instant,
+) -> Vec<(tokio::time::Instant, Idle)> {
+    let fresh = parked
+        .iter()
+        .position(|(at, _)| now.saturating_duration_since(*at) < PARKED_IDLE)
+        .unwrap_or(parked.len());
+    parked.drain(..fresh).collect()
+}
+
+/// Polls an idle connection once, with no one to wake: it ends if the upstream closed it or
+/// sent something unasked. Whether it is still open and ready for a request.
+fn still_open(idle: &mut Idle) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    idle.connection.as_mut().poll(&mut cx).is_pending() && idle.sender.is_ready()
 }
 
 fn same_origin(current: Option<&Authority>, wanted: &Authority) -> bool {
@@ -545,4 +695,137 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// An idle client connection to a real listener, and the listener's end of it.
+    async fn idle_connection(listener: &TcpListener) -> (Idle, TcpStream) {
+        let authority = authority_of(listener);
+        let (client, accepted) =
+            tokio::join!(TcpStream::connect(authority.as_str()), listener.accept());
+        let (sender, connection) = http1::handshake(TokioIo::new(client.expect("connect")))
+            .await
+            .expect("handshake");
+        let idle = Idle {
+            authority,
+            sender,
+            connection: Box::pin(connection),
+        };
+        (idle, accepted.expect("accept").0)
+    }
+
+    async fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").await.expect("bind")
+    }
+
+    fn authority_of(listener: &TcpListener) -> Authority {
+        listener
+            .local_addr()
+            .expect("addr")
+            .to_string()
+            .parse()
+            .expect("authority")
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_goes_once_to_a_request_for_its_own_upstream() {
+        let (a, b) = (listener().await, listener().await);
+        let now = tokio::time::Instant::now();
+        let parked = Parked::default();
+        let (idle, _server) = idle_connection(&a).await;
+        parked.park(idle, now);
+        assert_eq!(parked.len(), 1, "an open, idle connection is parked");
+
+        assert!(
+            parked.take(&authority_of(&b), now).is_none(),
+            "never handed to another upstream"
+        );
+        let (sender, _connection) = parked
+            .take(&authority_of(&a), now)
+            .expect("handed to a request for its upstream");
+        assert!(sender.is_ready());
+        assert!(
+            parked.take(&authority_of(&a), now).is_none(),
+            "and only once"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_newest_parked_connection_goes_first_and_old_ones_close() {
+        let a = listener().await;
+        let start = tokio::time::Instant::now();
+        let parked = Parked::default();
+        let (old, mut old_server) = idle_connection(&a).await;
+        let (new, mut new_server) = idle_connection(&a).await;
+        parked.park(old, start);
+        parked.park(new, start + Duration::from_millis(500));
+
+        let later = start + PARKED_IDLE + Duration::from_millis(100);
+        let (_sender, connection) = parked
+            .take(&authority_of(&a), later)
+            .expect("the newer one");
+        assert_eq!(parked.len(), 0, "the one past PARKED_IDLE was closed");
+        // The closed one's server end reads its end; the taken one's is still open.
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), old_server.read(&mut buf)).await;
+        assert_eq!(read.expect("closed promptly").expect("read"), 0);
+        let read =
+            tokio::time::timeout(Duration::from_millis(100), new_server.read(&mut buf)).await;
+        assert!(read.is_err(), "the taken connection stays open");
+        drop(connection);
+    }
+
+    #[tokio::test]
+    async fn a_connection_its_upstream_closed_while_parked_is_not_handed_on() {
+        let a = listener().await;
+        let now = tokio::time::Instant::now();
+        let parked = Parked::default();
+        let (idle, server) = idle_connection(&a).await;
+        parked.park(idle, now);
+        drop(server);
+        // Let the runtime's driver take in the close.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(parked.take(&authority_of(&a), now).is_none());
+        assert_eq!(parked.len(), 0);
+
+        // Closed before it could be parked: not kept either.
+        let (idle, server) = idle_connection(&a).await;
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        parked.park(idle, now);
+        assert_eq!(parked.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_worker_keeps_at_most_parked_max_connections() {
+        let a = listener().await;
+        let now = tokio::time::Instant::now();
+        let parked = Parked::default();
+        let mut servers = Vec::new();
+        for _ in 0..PARKED_MAX + 3 {
+            let (idle, server) = idle_connection(&a).await;
+            parked.park(idle, now);
+            servers.push(server);
+        }
+        assert_eq!(parked.len(), PARKED_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_closes_connections_parked_longer_than_parked_idle() {
+        let a = listener().await;
+        let parked = Arc::new(Parked::default());
+        // Connected before the sweep's timer exists, which paused time would skip ahead to.
+        let (idle, _server) = idle_connection(&a).await;
+        parked.park(idle, tokio::time::Instant::now());
+        tokio::spawn(parked.clone().sweep());
+        tokio::time::sleep(PARKED_IDLE - Duration::from_millis(100)).await;
+        assert_eq!(parked.len(), 1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(parked.len(), 0);
+    }
 }

@@ -494,6 +494,169 @@ async fn a_request_given_to_an_upstream_connection_that_closed_unseen_is_sent_on
     );
 }
 
+/// Sends one keyed GET on a new client connection that asks to be closed after it, and reads
+/// until keygate closes it: the whole response, as text.
+async fn on_a_new_connection(proxy: std::net::SocketAddr, path: &str, key: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let head = format!("GET {path} HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("send");
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("keygate closes the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// One worker, so that client connections one after another meet the same parked connections.
+/// Not a storage test: SQLite only.
+async fn one_worker_app() -> TestApp {
+    spawn_app_with(
+        Engine::Sqlite,
+        AppOptions {
+            proxy_toml: "workers = 1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A client that opens a connection per request: each one's upstream connection, idle when it
+/// ends, serves the next client connection, so a request costs one TCP handshake, not two.
+/// Identity is per request: two accounts take turns on the one upstream connection.
+#[tokio::test]
+async fn client_connections_one_after_another_reuse_an_idle_upstream_connection() {
+    let app = one_worker_app().await;
+    let billing = app.create_account("billing").await;
+    let support = app.create_account("support").await;
+    let billing_key = app
+        .create_key(&billing, "primary", &["recordings:read"])
+        .await;
+    let support_key = app
+        .create_key(&support, "primary", &["recordings:read"])
+        .await;
+    for i in 0..10 {
+        let (key, account) = if i % 2 == 0 {
+            (&billing_key, "billing")
+        } else {
+            (&support_key, "support")
+        };
+        let answer = on_a_new_connection(
+            app.proxy_addr,
+            &format!("/recordings/{i}"),
+            key.key.expose(),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK"),
+            "request {i}: {answer}"
+        );
+        assert!(answer.ends_with("upstream ok"), "request {i}: {answer}");
+        let seen = app.upstream.last();
+        assert_eq!(seen.uri, format!("/recordings/{i}"));
+        assert_eq!(seen.headers["x-keygate-account"], account, "request {i}");
+    }
+    assert_eq!(app.upstream.count(), 10);
+    assert_eq!(
+        app.upstream.connections(),
+        1,
+        "ten client connections, one upstream connection"
+    );
+}
+
+/// A client that leaves in the middle of a response leaves its upstream connection mid-body:
+/// that connection is closed, never handed to the next client, who gets its own answer whole
+/// on a new one.
+#[tokio::test]
+async fn an_upstream_connection_left_mid_response_is_closed_not_handed_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = one_worker_app().await;
+    let account = app.create_account("billing").await;
+    let issued = app
+        .create_key(&account, "primary", &["recordings:read"])
+        .await;
+
+    let mut leaving = tokio::net::TcpStream::connect(app.proxy_addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "GET /recordings/download?bytes=268435456 HTTP/1.1\r\nhost: keygate.test\r\nx-api-key: {}\r\n\r\n",
+        issued.key.expose()
+    );
+    leaving.write_all(head.as_bytes()).await.expect("send");
+    let mut got = vec![0u8; 256 * 1024];
+    leaving
+        .read_exact(&mut got)
+        .await
+        .expect("the download has begun");
+    assert!(got.starts_with(b"HTTP/1.1 200 OK"));
+    drop(leaving);
+    wait_until(Duration::from_secs(5), || {
+        app.upstream.open_connections() == 0
+    })
+    .await;
+
+    let answer = on_a_new_connection(app.proxy_addr, "/recordings/1", issued.key.expose()).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\nupstream ok"),
+        "nothing of the other body: {answer}"
+    );
+    assert_eq!(
+        app.upstream.connections(),
+        2,
+        "on a new upstream connection"
+    );
+    let sent: Vec<String> = app.upstream.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(
+        sent,
+        ["/recordings/download?bytes=268435456", "/recordings/1"]
+    );
+}
+
+/// A one-worker instance with a key, after one request on a client connection that has
+/// ended: its upstream connection is parked, still open.
+async fn one_connection_parked() -> (TestApp, String) {
+    let app = one_worker_app().await;
+    let account = app.create_account("billing").await;
+    let issued = app
+        .create_key(&account, "primary", &["recordings:read"])
+        .await;
+    let key = issued.key.expose().to_string();
+    let answer = on_a_new_connection(app.proxy_addr, "/recordings/1", &key).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert_eq!(app.upstream.open_connections(), 1, "parked, open");
+    (app, key)
+}
+
+/// An upstream that closes its idle connections closes the parked ones too: the next client
+/// connection gets its answer on a new upstream connection, not an error.
+#[tokio::test]
+async fn a_parked_connection_its_upstream_closed_is_replaced_without_an_error() {
+    let (app, key) = one_connection_parked().await;
+    app.upstream.close_connections();
+    wait_until(Duration::from_secs(5), || {
+        app.upstream.open_connections() == 0
+    })
+    .await;
+    let answer = on_a_new_connection(app.proxy_addr, "/recordings/2", &key).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "not a 502: {answer}");
+    assert_eq!(app.upstream.connections(), 2);
+    assert_eq!(app.upstream.count(), 2);
+}
+
+/// A parked connection nobody takes is closed after a couple of seconds, so a burst of
+/// clients leaves no idle connections holding the upstream open.
+#[tokio::test]
+async fn a_parked_connection_nobody_takes_is_closed() {
+    let (app, _) = one_connection_parked().await;
+    wait_until(Duration::from_secs(6), || {
+        app.upstream.open_connections() == 0
+    })
+    .await;
+}
+
 both_engines! {
     async fn one_client_connection_can_alternate_between_upstreams(engine: Engine) {
         let other = Upstream::start().await;
