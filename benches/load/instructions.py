@@ -17,6 +17,7 @@ callgrind's cache simulation (I1/D1 misses per request; slower).
     python3 benches/load/instructions.py keygate --bad-key     # a refusal (401)
     python3 benches/load/instructions.py floor --conns 128
     python3 benches/load/instructions.py keygate --compare passthrough   # per-function difference
+    python3 benches/load/instructions.py keygate --close --requests 4000  # a new connection each
 
 Targets: keygate (real keys, SQLite), passthrough (keygate's proxy code without the auth step),
 floor (examples/bench_floor.rs) and upstream (the harness's upstream itself). Needs valgrind
@@ -39,12 +40,24 @@ from harness import ROOT, free_port, keygate_config, wait_port, wait_ready  # no
 TARGETS = ("keygate", "passthrough", "floor", "upstream")
 
 
-async def drive(port, conns, requests, key):
-    """`requests` keep-alive GETs of /bench over `conns` connections, each read to its end."""
-    head = f"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Api-Key: {key}\r\n\r\n".encode()
+async def drive(port, conns, requests, key, close=False):
+    """`requests` keep-alive GETs of /bench over `conns` connections, each read to its end; with
+    `close`, each on a new connection (`Connection: close`), `conns` at a time."""
+    head = f"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Api-Key: {key}\r\n"
+    head = (head + ("Connection: close\r\n" if close else "") + "\r\n").encode()
     statuses = collections.Counter()
 
+    async def closing(n):
+        for _ in range(n):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head)
+            response = await reader.read()  # to the end: the server closes
+            statuses[response.split(b" ", 2)[1].decode()] += 1
+            writer.close()
+
     async def one(n):
+        if close:
+            return await closing(n)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(n):
             writer.write(head)
@@ -133,9 +146,9 @@ def measure(target, args, release, work, up_port, key):
                     time.sleep(0.5)
             else:
                 raise SystemExit("keygate under callgrind never became ready")
-        asyncio.run(drive(port, args.conns, max(args.conns, args.requests // 10), key))
+        asyncio.run(drive(port, args.conns, max(args.conns, args.requests // 10), key, args.close))
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        statuses = asyncio.run(drive(port, args.conns, args.requests, key))
+        statuses = asyncio.run(drive(port, args.conns, args.requests, key, args.close))
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
     finally:
         proc.terminate()
@@ -175,6 +188,7 @@ def main():
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--bad-key", action="store_true", help="one character of the key changed, as the harness's 401 rows: its checksum fails and it is refused before any lookup")
+    ap.add_argument("--close", action="store_true", help="a new connection for every request (`Connection: close`), as the harness's new-connection rows")
     ap.add_argument("--cache-sim", action="store_true")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--keys", type=int, default=10000)
