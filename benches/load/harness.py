@@ -591,9 +591,10 @@ def main():
                                  f"{fmt_cpu(up['cpu'])} µs per answer.")
             if churn_rows:
                 lines += ["", f"A new connection for every request (`Connection: close`, {CHURN_CONNS} at a time, "
-                          f"{args.rounds} interleaved rounds after all other runs): each request pays a TCP handshake and teardown with the proxy; keygate, its "
-                          "pass-through and the floor also open an upstream connection for it (an HTTP/1 client's "
-                          "upstream connection is its own), nginx takes one from its keepalive pool:", "",
+                          f"{args.rounds} interleaved rounds after all other runs): each request pays a TCP handshake and teardown with the proxy; the floor "
+                          "also opens an upstream connection for it (an HTTP/1 client's upstream connection is its "
+                          "own), keygate and its pass-through take the idle one a finished client connection left "
+                          "(kept up to 2 s), nginx takes one from its keepalive pool:", "",
                           "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
                           "|---:|---|---:|---:|---:|---:|---:|---:|"] + churn_rows
                 kg = churn_summary.get((f"{KEYGATE}, new connection per request", CHURN_CONNS))
