@@ -120,10 +120,11 @@ impl UpstreamClient {
 
     /// Step 8's first half, without waiting: hands `req` to hyper. A request for the client
     /// connection's own upstream connection is queued on it when that connection is open and
-    /// ready (nearly always, after the first request); otherwise the opening, or the wait,
-    /// goes into a boxed future. The result borrows nothing, so the request's future can own
-    /// it beside the connection it is polled with, and the request is held once, inside
-    /// hyper's send, rather than once per layer of futures.
+    /// ready (nearly always after the first request, and for a first request when the worker
+    /// has a parked connection to the upstream, which becomes the own one); otherwise the
+    /// opening, or the wait, goes into a boxed future. The result borrows nothing, so the
+    /// request's future can own it beside the connection it is polled with, and the request
+    /// is held once, inside hyper's send, rather than once per layer of futures.
     ///
     /// `decided_at` is when the request was authorised, a moment ago: the response deadline
     /// counts from it, which spares a clock read.
