@@ -55,9 +55,7 @@ async def drive(port, conns, requests, key, close=False):
             statuses[response.split(b" ", 2)[1].decode()] += 1
             writer.close()
 
-    async def one(n):
-        if close:
-            return await closing(n)
+    async def keep_alive(n):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(n):
             writer.write(head)
@@ -71,7 +69,8 @@ async def drive(port, conns, requests, key, close=False):
                 await reader.readexactly(length)
         writer.close()
 
-    await asyncio.gather(*(one(requests // conns) for _ in range(conns)))
+    each = closing if close else keep_alive
+    await asyncio.gather(*(each(requests // conns) for _ in range(conns)))
     return statuses
 
 

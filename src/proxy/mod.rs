@@ -399,7 +399,7 @@ impl Worker {
 ///
 /// A task holds room for the state of every path its connection could take, for as long as
 /// the connection lasts. The TLS path (handshake, TLS stream) is boxed, so a cleartext
-/// connection's task does not carry it: 2,848 bytes a connection instead of 10,400 (with
+/// connection's task does not carry it: 2,864 bytes a connection instead of 10,400 (with
 /// `serve_connection`'s HTTP/2 path boxed too and its HTTP/1 connection built in place).
 async fn serve_client(
     servers: Arc<Servers>,
@@ -622,7 +622,7 @@ mod tests {
     fn a_connection_task_carries_no_room_for_paths_it_does_not_take() {
         // Every open connection holds one for its whole life (10,400 bytes in a release
         // build when it had room for the TLS and HTTP/2 paths and the HTTP/1 connection twice;
-        // 2,848 now).
+        // 2,864 now).
         let size = future_size(&serve_client);
         assert!(size <= 4096, "a connection's task takes {size} bytes");
     }

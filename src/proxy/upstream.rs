@@ -111,7 +111,7 @@ impl UpstreamClient {
     }
 
     /// Called when a client connection has ended: parks its upstream connection if that is
-    /// idle, with its last exchange complete.
+    /// still open and idle, its last exchange complete.
     pub fn park(&self, own: &Dedicated) {
         if let Some(idle) = own.take_idle() {
             self.parked.park(idle, tokio::time::Instant::now());
@@ -147,9 +147,9 @@ impl UpstreamClient {
         let authority = &route.upstream.authority;
         // A new client connection's first request: an upstream connection a finished one left.
         let sender = own.take_sender(authority).or_else(|| {
-            let (sender, connection) = self.parked.take(authority, tokio::time::Instant::now())?;
-            own.install_boxed(authority.clone(), connection);
-            Some(sender)
+            let idle = self.parked.take(authority, tokio::time::Instant::now())?;
+            own.install_boxed(idle.authority, idle.connection);
+            Some(idle.sender)
         });
         match sender {
             Some(mut sender) if sender.is_ready() => {
@@ -531,18 +531,15 @@ impl Dedicated {
         }
     }
 
-    /// Takes the upstream connection out if it is idle: its sender is back (the last
-    /// response head arrived) and ready (hyper's connection has finished the last exchange,
-    /// its response body included, and can take a request). A connection whose response body
-    /// was left unread is never ready, so it is not handed on; it closes when `self` drops.
+    /// Takes the upstream connection out, with its sender: `None` while a request waits for
+    /// its response head (the sender is with it). Whether the connection is idle is for
+    /// `still_open` to say.
     fn take_idle(&self) -> Option<Idle> {
         let mut inner = self.lock();
-        if !inner.sender.as_ref().is_some_and(|s| s.is_ready()) {
-            return None;
-        }
+        let sender = inner.sender.take()?;
         Some(Idle {
             authority: inner.authority.take()?,
-            sender: inner.sender.take()?,
+            sender,
             connection: inner.connection.take()?,
         })
     }
@@ -595,14 +592,7 @@ impl Parked {
     }
 
     /// The newest parked connection to `authority` that is still open and ready, if any.
-    fn take(
-        &self,
-        authority: &Authority,
-        now: tokio::time::Instant,
-    ) -> Option<(
-        http1::SendRequest<OutboundBody>,
-        Pin<Box<UpstreamConnection>>,
-    )> {
+    fn take(&self, authority: &Authority, now: tokio::time::Instant) -> Option<Idle> {
         let mut parked = self.lock();
         let _expired = expire(&mut parked, now);
         while let Some(at) = parked
@@ -611,7 +601,7 @@ impl Parked {
         {
             let (_, mut idle) = parked.remove(at)?;
             if still_open(&mut idle) {
-                return Some((idle.sender, idle.connection));
+                return Some(idle);
             }
         }
         None
@@ -651,7 +641,9 @@ fn expire(
 }
 
 /// Polls an idle connection once, with no one to wake: it ends if the upstream closed it or
-/// sent something unasked. Whether it is still open and ready for a request.
+/// sent something unasked. Whether it is still open and ready for a request: hyper is ready
+/// once the last exchange is over, response body included, so a connection whose response
+/// the client left unread is never ready, never parked nor handed on (it closes when dropped).
 fn still_open(idle: &mut Idle) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     idle.connection.as_mut().poll(&mut cx).is_pending() && idle.sender.is_ready()
@@ -745,10 +737,10 @@ mod tests {
             parked.take(&authority_of(&b), now).is_none(),
             "never handed to another upstream"
         );
-        let (sender, _connection) = parked
+        let taken = parked
             .take(&authority_of(&a), now)
             .expect("handed to a request for its upstream");
-        assert!(sender.is_ready());
+        assert!(taken.sender.is_ready());
         assert!(
             parked.take(&authority_of(&a), now).is_none(),
             "and only once"
@@ -766,7 +758,7 @@ mod tests {
         parked.park(new, start + Duration::from_millis(500));
 
         let later = start + PARKED_IDLE + Duration::from_millis(100);
-        let (_sender, connection) = parked
+        let taken = parked
             .take(&authority_of(&a), later)
             .expect("the newer one");
         assert_eq!(parked.len(), 0, "the one past PARKED_IDLE was closed");
@@ -778,7 +770,7 @@ mod tests {
         let read =
             tokio::time::timeout(Duration::from_millis(100), new_server.read(&mut buf)).await;
         assert!(read.is_err(), "the taken connection stays open");
-        drop(connection);
+        drop(taken);
     }
 
     #[tokio::test]
