@@ -26,6 +26,7 @@ The upstream side stays HTTP/1.1 for every target. A full run takes about fiftee
     python3 benches/load/harness.py                  # everything, writes benches/RESULTS.md
     python3 benches/load/harness.py --quick          # one round, short runs (smoke test)
     python3 benches/load/harness.py --only h2,tls    # a subset (printed, RESULTS.md untouched)
+    python3 benches/load/harness.py --pgo            # also keygate's profile-guided build (h1)
 """
 
 import argparse
@@ -52,6 +53,7 @@ GROUPS = ("h1", "h2", "tls", "upload")
 PASS_THROUGH, KEYGATE, NGINX = "pass-through (keygate, no auth)", "keygate", "nginx + key map"
 FLOOR = "hyper floor (no keygate code)"
 NGINX_SAME = "nginx + key map, keygate's headers"
+KEYGATE_PGO = "keygate, PGO build"
 UPLOAD_TARGET_MB = 64
 CHURN_CONNS = 16
 
@@ -344,6 +346,9 @@ def main():
     ap.add_argument("--upload-mib", type=int, default=1024)
     ap.add_argument("--keys", type=int, default=10000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pgo", action="store_true",
+                    help="also measure keygate built with profile-guided optimisation (benches/load/pgo.py; "
+                         "adds two release builds to the run)")
     ap.add_argument("--out", default=str(ROOT / "benches" / "RESULTS.md"))
     args = ap.parse_args()
     if args.quick:
@@ -372,6 +377,10 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "bench-passthrough",
                     "--example", "bench_passthrough"], cwd=ROOT, check=True)
     release = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
+    pgo_keygate = None
+    if args.pgo and conns_list:
+        from pgo import build as pgo_build
+        pgo_keygate = pgo_build()
 
     work = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
     procs = []
@@ -393,12 +402,13 @@ def main():
 
     cert, cert_key = work / "cert.pem", work / "key.pem"
 
-    def start_keygate(name, tls=False):
-        """keygate with the seeded database and one route to the upstream; (process, port)."""
+    def start_keygate(name, tls=False, binary=None):
+        """keygate (`binary`, the release build by default) with the seeded database and one
+        route to the upstream; (process, port)."""
         port, admin = free_port(), free_port()
         config = work / f"{name}.toml"
         config.write_text(keygate_config(port, admin, db, up_port, (cert, cert_key) if tls else None))
-        p = spawn([str(release / "keygate"), "--config", str(config), "serve"], log=name)
+        p = spawn([str(binary or release / "keygate"), "--config", str(config), "serve"], log=name)
         wait_ready(admin)
         return p, port
 
@@ -461,15 +471,21 @@ def main():
                 Target(NGINX, ng_port, nginx_pids, [key_header]),
                 Target(NGINX_SAME, ng_same_port, nginx_pids, [key_header]),
             ]
+            if pgo_keygate:
+                keygate_pgo, kg_pgo_port = start_keygate("keygate-pgo", binary=pgo_keygate)
+                targets.insert(4, Target(KEYGATE_PGO, kg_pgo_port, lambda: [keygate_pgo.pid], [key_header]))
             # Clients that open a connection for each request (`Connection: close`): what a
             # connection costs, where keep-alive hides it.
             churn = [Target(f"{t.name}, new connection per request", t.port, t.pids_fn,
                             t.headers + ["Connection: close"])
-                     for t in targets if t.name in (FLOOR, PASS_THROUGH, KEYGATE, NGINX)]
+                     for t in targets if t.name in (FLOOR, PASS_THROUGH, KEYGATE, KEYGATE_PGO, NGINX)]
             rejects = [
                 Target("keygate 401 (bad key)", kg_port, lambda: [keygate.pid], [f"X-Api-Key: {bad_key}"]),
                 Target("nginx 401 (bad key)", ng_port, nginx_pids, [f"X-Api-Key: {bad_key}"]),
             ]
+            if pgo_keygate:
+                rejects.insert(1, Target("keygate 401 (bad key), PGO build", kg_pgo_port,
+                                         lambda: [keygate_pgo.pid], [f"X-Api-Key: {bad_key}"]))
             # nginx's `http2` listen parameter without `ssl` serves only h2c: its own port.
             h2_targets = [
                 Target(PASS_THROUGH, pt_port, lambda: [passthrough.pid], [key_header]),
@@ -534,8 +550,9 @@ def main():
         if conns_list:
             lines += [
                 f"wrk -t2 (-t1 at 1 connection), keep-alive, {args.duration}s per run, {args.rounds} interleaved "
-                f"rounds, medians. keygate: release build, SQLite, {args.keys} keys in the table, access log off. "
-                f"nginx: 2 workers, a {args.keys}-key `map`, upstream keepalive, access log off; "
+                f"rounds, medians. keygate: release build, SQLite, {args.keys} keys in the table, access log off"
+                + ("; \"keygate, PGO build\": the same with `benches/load/pgo.py`'s profile-guided build. " if pgo_keygate else ". ")
+                + f"nginx: 2 workers, a {args.keys}-key `map`, upstream keepalive, access log off; "
                 f"\"{NGINX_SAME}\" is the same nginx on a server that also sets what keygate sets: the key's "
                 "account, prefix and scopes, X-Forwarded-For/-Proto/-Host and a request id both ways "
                 "(`benches/load/nginx.conf.in`). CPU µs/req: user+system time of the proxy process(es) per "
@@ -580,15 +597,29 @@ def main():
                 lines += ["", "keygate against nginx handing the upstream the same headers (same run):", "",
                           "| conns | keygate / nginx req/s | keygate / nginx CPU | keygate p99 / nginx p99 |",
                           "|---:|---:|---:|---:|"] + same_lines
+            pgo_lines = []
+            for conns in conns_list:
+                pg, kg = summary.get((KEYGATE_PGO, conns)), summary.get((KEYGATE, conns))
+                ng, ns = summary.get((NGINX, conns)), summary.get((NGINX_SAME, conns))
+                if pg and kg and ng and ns:
+                    pgo_lines.append(f"| {conns} | {pg['rps'] / ng['rps']:.3f} | {pg['cpu'] / ng['cpu']:.3f} | "
+                                     f"{pg['p99'] / ng['p99']:.3f} | {pg['rps'] / ns['rps']:.3f} | "
+                                     f"{pg['cpu'] / ns['cpu']:.3f} | {pg['cpu'] - kg['cpu']:+.2f} |")
+            if pgo_lines:
+                lines += ["", "keygate's profile-guided build (`benches/load/pgo.py`: the same code, trained on this "
+                          "harness's kinds of traffic) against nginx, and against the plain release build (same run):", "",
+                          "| conns | PGO / nginx req/s | PGO / nginx CPU | PGO p99 / nginx p99 | PGO / nginx with keygate's headers req/s | CPU | PGO − release build CPU µs/req |",
+                          "|---:|---:|---:|---:|---:|---:|---:|"] + pgo_lines
             for conns in (16, 128):
-                rej = summary.get(("keygate 401 (bad key)", conns))
-                up = summary.get(("upstream direct", conns))
-                if rej and up:
-                    lines.append("")
-                    lines.append(f"401 path at {conns} conns: keygate rejects at {rej['rps']:,.0f} req/s, "
-                                 f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate, using "
-                                 f"{fmt_cpu(rej['cpu'])} µs of CPU per refusal against the upstream's "
-                                 f"{fmt_cpu(up['cpu'])} µs per answer.")
+                for build, suffix in (("keygate", ""), ("keygate's PGO build", ", PGO build")):
+                    rej = summary.get((f"keygate 401 (bad key){suffix}", conns))
+                    up = summary.get(("upstream direct", conns))
+                    if rej and up:
+                        lines.append("")
+                        lines.append(f"401 path at {conns} conns: {build} rejects at {rej['rps']:,.0f} req/s, "
+                                     f"{rej['rps'] / up['rps']:.2f}× the upstream's own direct rate, using "
+                                     f"{fmt_cpu(rej['cpu'])} µs of CPU per refusal against the upstream's "
+                                     f"{fmt_cpu(up['cpu'])} µs per answer.")
             if churn_rows:
                 lines += ["", f"A new connection for every request (`Connection: close`, {CHURN_CONNS} at a time, "
                           f"{args.rounds} interleaved rounds after all other runs): each request pays a TCP handshake and teardown with the proxy; the floor "
@@ -597,11 +628,12 @@ def main():
                           "(kept up to 2 s), nginx takes one from its keepalive pool:", "",
                           "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
                           "|---:|---|---:|---:|---:|---:|---:|---:|"] + churn_rows
-                kg = churn_summary.get((f"{KEYGATE}, new connection per request", CHURN_CONNS))
                 ng = churn_summary.get((f"{NGINX}, new connection per request", CHURN_CONNS))
-                if kg and ng:
-                    lines += ["", f"keygate / nginx with a new connection per request: {kg['rps'] / ng['rps']:.3f}× "
-                              f"req/s at {kg['cpu'] / ng['cpu']:.3f}× the CPU per request."]
+                for build, name in (("keygate", KEYGATE), ("keygate's PGO build", KEYGATE_PGO)):
+                    kg = churn_summary.get((f"{name}, new connection per request", CHURN_CONNS))
+                    if kg and ng:
+                        lines += ["", f"{build} / nginx with a new connection per request: "
+                                  f"{kg['rps'] / ng['rps']:.3f}× req/s at {kg['cpu'] / ng['cpu']:.3f}× the CPU per request."]
         else:
             summary = {}
         if h2_settings:
