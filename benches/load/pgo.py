@@ -14,8 +14,9 @@ that. This script:
  4. builds keygate again with the profile (`-Cprofile-use`) into target/pgo.
 
 The result is the same code and behaviour as `cargo build --release`, laid out for speed; the
-two differ only in CPU per request (benches/RESULTS.md has both side by side). Takes two
-release builds and half a minute of training. Needs wrk, openssl and an `llvm-profdata` of the
+two differ only in CPU per request and what follows from it (benches/RESULTS.md has both side
+by side). Takes two release builds (about eight minutes on 2 cores) and half a minute of
+training. Needs wrk, openssl and an `llvm-profdata` of the
 LLVM version `rustc -vV` names (Debian: `apt-get install -y wrk llvm-22`; or rustup's
 `llvm-tools` component).
 
