@@ -625,7 +625,7 @@ def main():
                           f"{args.rounds} interleaved rounds after all other runs): each request pays a TCP handshake and teardown with the proxy; the floor "
                           "also opens an upstream connection for it (an HTTP/1 client's upstream connection is its "
                           "own), keygate and its pass-through take the idle one a finished client connection left "
-                          "(kept up to 2 s), nginx takes one from its keepalive pool:", "",
+                          "(offered for 2 s), nginx takes one from its keepalive pool:", "",
                           "| conns | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | errors |",
                           "|---:|---|---:|---:|---:|---:|---:|---:|"] + churn_rows
                 ng = churn_summary.get((f"{NGINX}, new connection per request", CHURN_CONNS))

@@ -594,7 +594,7 @@ impl Parked {
     /// The newest parked connection to `authority` that is still open and ready, if any.
     fn take(&self, authority: &Authority, now: tokio::time::Instant) -> Option<Idle> {
         let mut parked = self.lock();
-        let _expired = expire(&mut parked, now);
+        expire(&mut parked, now);
         while let Some(at) = parked
             .iter()
             .rposition(|(_, idle)| same_origin(Some(&idle.authority), authority))
@@ -614,9 +614,7 @@ impl Parked {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = tick.tick().await;
-            // Closed outside the lock.
-            let expired = expire(&mut self.lock(), now);
-            drop(expired);
+            expire(&mut self.lock(), now);
         }
     }
 
@@ -627,17 +625,14 @@ impl Parked {
     }
 }
 
-/// Takes the parked connections past `PARKED_IDLE` out (the oldest are at the front), for the
-/// caller to drop.
-fn expire(
-    parked: &mut VecDeque<(tokio::time::Instant, Idle)>,
-    now: tokio::time::Instant,
-) -> Vec<(tokio::time::Instant, Idle)> {
+/// Closes the parked connections past `PARKED_IDLE` (the oldest are at the front). Under the
+/// lock, which only the worker's own thread takes.
+fn expire(parked: &mut VecDeque<(tokio::time::Instant, Idle)>, now: tokio::time::Instant) {
     let fresh = parked
         .iter()
         .position(|(at, _)| now.saturating_duration_since(*at) < PARKED_IDLE)
         .unwrap_or(parked.len());
-    parked.drain(..fresh).collect()
+    parked.drain(..fresh);
 }
 
 /// Polls an idle connection once, with no one to wake: it ends if the upstream closed it or
@@ -748,7 +743,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_newest_parked_connection_goes_first_and_old_ones_close() {
+    async fn the_newest_parked_connection_goes_first() {
+        use tokio::io::AsyncReadExt;
+        let a = listener().await;
+        let now = tokio::time::Instant::now();
+        let parked = Parked::default();
+        let (old, mut old_server) = idle_connection(&a).await;
+        let (new, mut new_server) = idle_connection(&a).await;
+        parked.park(old, now);
+        parked.park(new, now + Duration::from_millis(500));
+
+        let taken = parked
+            .take(&authority_of(&a), now + Duration::from_millis(600))
+            .expect("one of them");
+        assert_eq!(parked.len(), 1);
+        // Dropping what is still parked closes it: the older one's server end reads its end.
+        drop(parked);
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), old_server.read(&mut buf)).await;
+        assert_eq!(read.expect("closed promptly").expect("read"), 0);
+        let read =
+            tokio::time::timeout(Duration::from_millis(100), new_server.read(&mut buf)).await;
+        assert!(read.is_err(), "the newer one was taken and stays open");
+        drop(taken);
+    }
+
+    #[tokio::test]
+    async fn connections_parked_longer_than_parked_idle_close_when_one_is_taken() {
         let a = listener().await;
         let start = tokio::time::Instant::now();
         let parked = Parked::default();
