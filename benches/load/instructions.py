@@ -18,6 +18,8 @@ callgrind's cache simulation (I1/D1 misses per request; slower).
     python3 benches/load/instructions.py floor --conns 128
     python3 benches/load/instructions.py keygate --compare passthrough   # per-function difference
     python3 benches/load/instructions.py keygate --close --requests 4000  # a new connection each
+    python3 benches/load/instructions.py keygate --binary target/pgo/release/keygate  # the PGO build
+    python3 benches/load/instructions.py keygate --binary target/pgo/release/keygate --compare keygate
 
 Targets: keygate (real keys, SQLite), passthrough (keygate's proxy code without the auth step),
 floor (examples/bench_floor.rs) and upstream (the harness's upstream itself). Needs valgrind
@@ -109,10 +111,10 @@ def self_costs(path):
     return events, dict(costs)
 
 
-def measure(target, args, release, work, up_port, key):
+def measure(target, args, release, work, up_port, key, binary=None):
     """Runs `target` under callgrind; its per-function costs per request (busy threads summed)."""
     port = free_port()
-    out = work / f"callgrind.{target}"
+    out = work / f"callgrind.{target}{'.binary' if binary else ''}"
     vg = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}.%p"]
     if args.cache_sim:
         vg.append("--cache-sim=yes")
@@ -121,7 +123,7 @@ def measure(target, args, release, work, up_port, key):
         admin = free_port()
         config = work / "keygate.toml"
         config.write_text(keygate_config(port, admin, f"sqlite://{work / 'bench.db'}", up_port))
-        cmd = [str(release / "keygate"), "--config", str(config), "serve"]
+        cmd = [str(binary or release / "keygate"), "--config", str(config), "serve"]
     elif target == "passthrough":
         cmd = [str(release / "examples" / "bench_passthrough"), f"127.0.0.1:{port}", f"http://127.0.0.1:{up_port}"]
     elif target == "floor":
@@ -154,7 +156,7 @@ def measure(target, args, release, work, up_port, key):
         proc.wait()
     n = sum(statuses.values())
     print(f"{target}: {n} requests, statuses {dict(statuses)}", file=sys.stderr)
-    dumps = sorted(work.glob(f"callgrind.{target}.{proc.pid}.1-*"))
+    dumps = sorted(work.glob(f"{out.name}.{proc.pid}.1-*"))
     per_thread = []
     for dump in dumps:
         events, costs = self_costs(dump)
@@ -166,6 +168,10 @@ def measure(target, args, release, work, up_port, key):
     # run lasts some seconds where it would take a fraction of one, so their work per request
     # is inflated many times; they are listed by thread, not counted as serving.
     busy = [t for t in per_thread if any("hyper::proto::h1::dispatch" in fn for fn in t[3])]
+    if not busy and binary:
+        # A profile-guided build inlines the dispatcher into its callers, so its name is gone:
+        # the serving threads are then the ones that did a tenth or more of all the work.
+        busy = [t for t in per_thread if t[0] >= grand / 10]
     if not busy:
         raise SystemExit(f"no thread of {target} ran hyper's HTTP/1 dispatcher: nothing was served?")
     events = busy[0][2]
@@ -191,7 +197,11 @@ def main():
     ap.add_argument("--cache-sim", action="store_true")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--keys", type=int, default=10000)
+    ap.add_argument("--binary", type=Path, help="the first target's keygate binary, such as benches/load/pgo.py's "
+                    "target/pgo/release/keygate (default: the release build)")
     args = ap.parse_args()
+    if args.binary and args.target != "keygate":
+        raise SystemExit("--binary is a keygate binary: the target must be keygate")
     if not subprocess.run(["which", "valgrind"], capture_output=True).stdout:
         raise SystemExit("valgrind is required: apt-get install -y valgrind")
 
@@ -215,7 +225,11 @@ def main():
         if args.bad_key:
             # The harness's bad key: one secret character changed, so the checksum fails.
             key = key[:9] + ("A" if key[9] != "A" else "B") + key[10:]
-        runs = [measure(t, args, release, work, up_port, key) for t in filter(None, (args.target, args.compare))]
+        # --binary is the first target's binary; `keygate --binary B --compare keygate` compares
+        # build B with the release build.
+        runs = [measure(args.target, args, release, work, up_port, key, args.binary)]
+        if args.compare:
+            runs.append(measure(args.compare, args, release, work, up_port, key))
     finally:
         upstream.terminate()
         upstream.wait()
@@ -230,8 +244,12 @@ def main():
             print("  ".join(f"{v:8,.0f}" for v in c), " ", fn[:120])
         return
     second = runs[1][1]
+    label = f"{args.target} ({args.binary})" if args.binary else args.target
     totals = [sum(c[0] for c in r.values()) for r in (first, second)]
-    print(f"{args.target} {totals[0]:,.0f} − {args.compare} {totals[1]:,.0f} = {totals[0] - totals[1]:+,.0f}")
+    print(f"{label} {totals[0]:,.0f} − {args.compare} {totals[1]:,.0f} = {totals[0] - totals[1]:+,.0f}")
+    if len(events) > 1:
+        for name, r in ((label, first), (args.compare, second)):
+            print("  ".join(f"{sum(c[i] for c in r.values()):8,.0f}" for i in range(len(events))), " ", name)
     rows = []
     for fn in set(first) | set(second):
         a, b = first.get(fn, [0] * len(events))[0], second.get(fn, [0] * len(events))[0]
