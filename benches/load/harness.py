@@ -272,6 +272,21 @@ def fmt_cpu(v):
     return f"{v:.1f}" if v is not None else "—"
 
 
+def per_round(results, a, b, conns, field):
+    """`a`'s figure over `b`'s, round by round. A round runs every target back to back, so each
+    ratio compares two runs minutes apart at most, where the medians compare whole columns."""
+    ra, rb = results.get((a, conns), []), results.get((b, conns), [])
+    return [x[field] / y[field] for x, y in zip(ra, rb) if x.get(field) and y.get(field)]
+
+
+def spread(ratios, want_low):
+    """`median (lowest–highest), k/n` where k counts the rounds on the target's side of 1.0."""
+    if not ratios:
+        return "—"
+    ok = sum(1 for r in ratios if (r <= 1.0 if want_low else r >= 1.0))
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}), {ok}/{len(ratios)}"
+
+
 def wrk_rows(results, conns_list, targets):
     """Medians per (target, conns) and the markdown rows of the HTTP/1.1-style table."""
     summary, lines = {}, []
@@ -610,6 +625,24 @@ def main():
                           "harness's kinds of traffic) against nginx, and against the plain release build (same run):", "",
                           "| conns | PGO / nginx req/s | PGO / nginx CPU | PGO p99 / nginx p99 | PGO / nginx with keygate's headers req/s | CPU | PGO − release build CPU µs/req |",
                           "|---:|---:|---:|---:|---:|---:|---:|"] + pgo_lines
+            round_lines = []
+            for conns in (16, 128):
+                for build, name in (("keygate", KEYGATE), ("keygate, PGO build", KEYGATE_PGO)):
+                    if (name, conns) not in results or (NGINX, conns) not in results:
+                        continue
+                    cells = [spread(per_round(results, name, NGINX, conns, "rps"), want_low=False),
+                             spread(per_round(results, name, NGINX, conns, "cpu_us_per_req"), want_low=True)]
+                    if conns == 16:
+                        cells.append(spread(per_round(results, name, NGINX, conns, "p99"), want_low=True))
+                    else:
+                        cells.append("—")
+                    round_lines.append(f"| {conns} | {build} | " + " | ".join(cells) + " |")
+            if round_lines and args.rounds > 1:
+                lines += ["", "The nginx targets round by round: each round runs every target back to back, so a "
+                          "round's ratio compares like with like. Median (lowest–highest) of the rounds' ratios, "
+                          "and in how many rounds the target held (req/s ≥ 1.0; CPU and p99 ≤ 1.0):", "",
+                          "| conns | build | / nginx req/s | / nginx CPU | / nginx p99 |",
+                          "|---:|---|---:|---:|---:|"] + round_lines
             for conns in (16, 128):
                 for build, suffix in (("keygate", ""), ("keygate's PGO build", ", PGO build")):
                     rej = summary.get((f"keygate 401 (bad key){suffix}", conns))
