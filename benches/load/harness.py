@@ -4,8 +4,9 @@ nginx doing API-key auth with a key map, side by side in one run on this machine
 
 Everything runs on loopback: a minimal hyper upstream (HTTP/1.1 only), then each target in turn,
 interleaved over rounds (A B C D, A B C D, ...) so drift hits every target alike; medians are
-reported. Besides requests/s and latency it reads the CPU time the proxy process(es) spent from
-/proc, which varies far less than requests/s on a box the load generator shares. Groups:
+reported, and for the nginx targets also each round's own ratio (the spread a median hides).
+Besides requests/s and latency it reads the CPU time the proxy process(es) spent from /proc,
+which varies far less than requests/s on a box the load generator shares. Groups:
 
     h1      wrk (HTTP/1.1, keep-alive) at 1, 16, 64, 128 and 256 connections against the
             upstream direct, the floor (a minimal hyper proxy, examples/bench_floor.rs), the
