@@ -275,7 +275,7 @@ def fmt_cpu(v):
 
 def per_round(results, a, b, conns, field):
     """`a`'s figure over `b`'s, round by round. A round runs every target back to back, so each
-    ratio compares two runs minutes apart at most, where the medians compare whole columns."""
+    ratio compares two runs less than a minute apart, where the medians compare whole columns."""
     ra, rb = results.get((a, conns), []), results.get((b, conns), [])
     return [x[field] / y[field] for x, y in zip(ra, rb) if x.get(field) and y.get(field)]
 
