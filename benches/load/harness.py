@@ -108,6 +108,21 @@ scope = "bench"
 """
 
 
+def bad_key_of(key):
+    """The harness's bad key: one secret character of `key` changed, so its checksum fails and
+    keygate refuses it before any lookup."""
+    return key[:9] + ("A" if key[9] != "A" else "B") + key[10:]
+
+
+def self_signed_cert(cert, key):
+    """A self-signed ECDSA P-256 certificate for localhost and 127.0.0.1, written to `cert` and
+    `key` (PEM)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+
+
 def cpu_ticks(pids):
     """utime+stime of the given processes and all their threads, in clock ticks."""
     total = 0
@@ -448,15 +463,12 @@ def main():
         keys = keys_file.read_text().split()
         key = keys[len(keys) // 2]
         key_header = f"X-Api-Key: {key}"
-        bad_key = key[:9] + ("A" if key[9] != "A" else "B") + key[10:]
+        bad_key = bad_key_of(key)
         nginx_pids = lambda: [nginx.pid] + children(nginx.pid)  # noqa: E731
 
         if needs_nginx:
             # One certificate and key for every TLS listener, so the comparison is of the servers.
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                            "-nodes", "-keyout", str(cert_key), "-out", str(cert), "-days", "2",
-                            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                           check=True, capture_output=True)
+            self_signed_cert(cert, cert_key)
             ng_port, ng_h2c_port, ng_tls_port, ng_same_port = free_port(), free_port(), free_port(), free_port()
             key_map = "\n".join(f'        "{k}" "bench";' for k in keys)
             (work / "nginx.conf").write_text(
@@ -632,11 +644,8 @@ def main():
                     if (name, conns) not in results or (NGINX, conns) not in results:
                         continue
                     cells = [spread(per_round(results, name, NGINX, conns, "rps"), want_low=False),
-                             spread(per_round(results, name, NGINX, conns, "cpu_us_per_req"), want_low=True)]
-                    if conns == 16:
-                        cells.append(spread(per_round(results, name, NGINX, conns, "p99"), want_low=True))
-                    else:
-                        cells.append("—")
+                             spread(per_round(results, name, NGINX, conns, "cpu_us_per_req"), want_low=True),
+                             spread(per_round(results, name, NGINX, conns, "p99"), want_low=True) if conns == 16 else "—"]
                     round_lines.append(f"| {conns} | {build} | " + " | ".join(cells) + " |")
             if round_lines and args.rounds > 1:
                 lines += ["", "The nginx targets round by round: each round runs every target back to back, so a "

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, free_port, keygate_config, wait_port, wait_ready  # noqa: E402
+from harness import ROOT, bad_key_of, free_port, keygate_config, wait_port, wait_ready  # noqa: E402
 
 TARGETS = ("keygate", "passthrough", "floor", "upstream")
 
@@ -223,8 +223,7 @@ def main():
                         str(args.keys), str(keys_file)], check=True, capture_output=True)
         key = keys_file.read_text().split()[args.keys // 2]
         if args.bad_key:
-            # The harness's bad key: one secret character changed, so the checksum fails.
-            key = key[:9] + ("A" if key[9] != "A" else "B") + key[10:]
+            key = bad_key_of(key)
         # --binary is the first target's binary; `keygate --binary B --compare keygate` compares
         # build B with the release build.
         runs = [measure(args.target, args, release, work, up_port, key, args.binary)]

@@ -16,9 +16,8 @@ that. This script:
 The result is the same code and behaviour as `cargo build --release`, laid out for speed; the
 two differ only in CPU per request and what follows from it (benches/RESULTS.md has both side
 by side). Takes two release builds (about eight minutes on 2 cores) and half a minute of
-training. Needs wrk, openssl and an `llvm-profdata` of the
-LLVM version `rustc -vV` names (Debian: `apt-get install -y wrk llvm-22`; or rustup's
-`llvm-tools` component).
+training. Needs wrk, openssl and an `llvm-profdata` of the LLVM version `rustc -vV` names
+(Debian: `apt-get install -y wrk llvm-22`; or rustup's `llvm-tools` component).
 
     python3 benches/load/pgo.py            # then: target/pgo/release/keygate --config ... serve
 """
@@ -33,7 +32,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HERE, ROOT, Target, free_port, keygate_config, run_h2load, run_wrk, wait_port, wait_ready  # noqa: E402
+from harness import (HERE, ROOT, Target, bad_key_of, free_port, keygate_config, run_h2load, run_wrk,  # noqa: E402
+                     self_signed_cert, wait_port, wait_ready)
 
 TRAINING_SECONDS = 4
 
@@ -87,12 +87,9 @@ def train(binary, profiles, release):
                        check=True, capture_output=True)
         keys = keys_file.read_text().split()
         key = keys[len(keys) // 2]
-        bad_key = key[:9] + ("A" if key[9] != "A" else "B") + key[10:]
+        bad_key = bad_key_of(key)
         cert, cert_key = work / "cert.pem", work / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(cert_key), "-out", str(cert), "-days", "2",
-                        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True)
+        self_signed_cert(cert, cert_key)
         env = dict(os.environ, LLVM_PROFILE_FILE=str(profiles / "keygate-%p-%m.profraw"))
         lua = HERE / "report.lua"
         for tls in (False, True):

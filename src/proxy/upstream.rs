@@ -706,6 +706,22 @@ mod tests {
         (idle, accepted.expect("accept").0)
     }
 
+    /// The server end of a connection keygate closed reads its end promptly.
+    async fn assert_closed(server: &mut TcpStream) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf)).await;
+        assert_eq!(read.expect("closed promptly").expect("read"), 0);
+    }
+
+    /// The server end of a connection keygate keeps has nothing to read for 100 ms.
+    async fn assert_open(server: &mut TcpStream, why: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(100), server.read(&mut buf)).await;
+        assert!(read.is_err(), "{why}");
+    }
+
     async fn listener() -> TcpListener {
         TcpListener::bind("127.0.0.1:0").await.expect("bind")
     }
@@ -744,7 +760,6 @@ mod tests {
 
     #[tokio::test]
     async fn the_newest_parked_connection_goes_first() {
-        use tokio::io::AsyncReadExt;
         let a = listener().await;
         let now = tokio::time::Instant::now();
         let parked = Parked::default();
@@ -759,12 +774,8 @@ mod tests {
         assert_eq!(parked.len(), 1);
         // Dropping what is still parked closes it: the older one's server end reads its end.
         drop(parked);
-        let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), old_server.read(&mut buf)).await;
-        assert_eq!(read.expect("closed promptly").expect("read"), 0);
-        let read =
-            tokio::time::timeout(Duration::from_millis(100), new_server.read(&mut buf)).await;
-        assert!(read.is_err(), "the newer one was taken and stays open");
+        assert_closed(&mut old_server).await;
+        assert_open(&mut new_server, "the newer one was taken and stays open").await;
         drop(taken);
     }
 
@@ -784,13 +795,8 @@ mod tests {
             .expect("the newer one");
         assert_eq!(parked.len(), 0, "the one past PARKED_IDLE was closed");
         // The closed one's server end reads its end; the taken one's is still open.
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), old_server.read(&mut buf)).await;
-        assert_eq!(read.expect("closed promptly").expect("read"), 0);
-        let read =
-            tokio::time::timeout(Duration::from_millis(100), new_server.read(&mut buf)).await;
-        assert!(read.is_err(), "the taken connection stays open");
+        assert_closed(&mut old_server).await;
+        assert_open(&mut new_server, "the taken connection stays open").await;
         drop(taken);
     }
 
