@@ -716,25 +716,76 @@ pub struct Binary {
     _dir: tempfile::TempDir,
 }
 
-/// Waits (up to 20 s) until a `keygate serve` child answers 200 on its admin port's `/readyz`.
-pub async fn wait_ready(admin: u16) {
+/// `keygate serve` started by `serve_on_free_ports`: the child, its stderr and its ports.
+pub struct Started {
+    pub child: Child,
+    pub logs: ChildLogs,
+    pub proxy: u16,
+    pub admin: u16,
+}
+
+/// Starts `keygate serve` with the configuration file `config` that `text` makes of a proxy
+/// and an admin port, and waits (up to 20 s) until it answers 200 on `/readyz`. The ports were
+/// free a moment before; when another process took one first, the child exits saying it
+/// cannot bind, and it is started again on two new ports (three tries in all). Any other exit,
+/// or no readiness in 20 s, panics with the child's stderr.
+pub async fn serve_on_free_ports(
+    config: &std::path::Path,
+    text: impl Fn(u16, u16) -> String,
+    args: &[&str],
+    rust_log: Option<&str>,
+) -> Started {
     let c = client();
-    let started = Instant::now();
-    loop {
-        let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-            .body(empty())
-            .expect("req");
-        if let Ok(r) = c.request(req).await {
-            if r.status() == 200 {
-                return;
+    for attempt in 1..=3 {
+        let (proxy, admin) = (free_port(), free_port());
+        std::fs::write(config, text(proxy, admin)).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.arg("--config").arg(config).args(args).arg("serve");
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keygate serve");
+        let mut logs = ChildLogs::read(&mut child);
+        let started = Instant::now();
+        loop {
+            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(empty())
+                .expect("req");
+            if let Ok(r) = c.request(req).await {
+                if r.status() == 200 {
+                    return Started {
+                        child,
+                        logs,
+                        proxy,
+                        admin,
+                    };
+                }
             }
+            if child.try_wait().expect("wait").is_some() {
+                let err = logs.collect();
+                assert!(
+                    err.contains("cannot bind") && attempt < 3,
+                    "keygate serve exited before it was ready:\n{err}"
+                );
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "keygate serve did not become ready in 20 s:\n{}",
+                    logs.collect()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "keygate serve did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    unreachable!("the third failed start panics")
 }
 
 /// A port free a moment ago, for a child process to bind.
@@ -754,40 +805,26 @@ impl Binary {
         args: &[&str],
         rust_log: Option<&str>,
     ) -> Binary {
-        let (proxy, admin) = (free_port(), free_port());
         let dir = tempfile::tempdir().expect("dir");
         let config = dir.path().join("keygate.toml");
-        std::fs::write(
-            &config,
+        let text = |proxy: u16, admin: u16| {
             format!(
                 "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
                  [database]\nurl = \"{db_url}\"\nrefresh_interval = \"100ms\"\n[last_used]\nflush_interval = \"200ms\"\n\
                  [hashing]\nmemory_kib = 1024\niterations = 1\n{extra}\n{}",
                 standard_routes(upstream)
-            ),
-        )
-        .expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        cmd.arg("--config").arg(&config).args(args).arg("serve");
-        match rust_log {
-            Some(filter) => cmd.env("RUST_LOG", filter),
-            None => cmd.env_remove("RUST_LOG"),
+            )
         };
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keygate serve");
-        let logs = ChildLogs::read(&mut child);
-        let binary = Binary {
+        let Started {
+            child, logs, proxy, ..
+        } = serve_on_free_ports(&config, text, args, rust_log).await;
+        Binary {
             child,
             logs,
             proxy,
             config,
             _dir: dir,
-        };
-        wait_ready(admin).await;
-        binary
+        }
     }
 
     /// Runs a CLI command against the same configuration; returns (stdout, stderr).

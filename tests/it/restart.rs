@@ -3,7 +3,7 @@
 //! bad file.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,41 +25,22 @@ struct Served {
 
 impl Served {
     async fn start(config: impl Fn(u16, u16) -> String) -> Served {
-        let (proxy, admin) = (free_port(), free_port());
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("keygate.toml");
-        std::fs::write(&path, config(proxy, admin)).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("--config")
-            .arg(&path)
-            .arg("serve")
-            .env("RUST_LOG", "info,keygate::access=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keygate serve");
-        let logs = ChildLogs::read(&mut child);
-        let served = Served {
+        let Started {
+            child,
+            logs,
+            proxy,
+            admin,
+        } = serve_on_free_ports(&path, config, &[], Some("info,keygate::access=warn")).await;
+        Served {
             child,
             logs,
             proxy,
             admin,
             config: path,
             _dir: dir,
-        };
-        let mut served = served;
-        let started = Instant::now();
-        while served.readyz().await != Some(200) {
-            if served.child.try_wait().expect("wait").is_some() {
-                panic!("keygate serve exited: {}", served.logs.collect());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "keygate serve did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        served
     }
 
     async fn readyz(&self) -> Option<u16> {
