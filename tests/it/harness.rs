@@ -716,31 +716,46 @@ pub struct Binary {
     _dir: tempfile::TempDir,
 }
 
-/// `keygate serve` started by `serve_on_free_ports`: the child, its stderr and its ports.
+/// `keygate serve` started by `serve_on_free_ports`: the child, its stderr, its ports, and its
+/// configuration file in a directory of its own (removed on drop).
 pub struct Started {
     pub child: Child,
     pub logs: ChildLogs,
     pub proxy: u16,
     pub admin: u16,
+    pub config: PathBuf,
+    pub dir: tempfile::TempDir,
 }
 
-/// Starts `keygate serve` with the configuration file `config` that `text` makes of a proxy
-/// and an admin port, and waits (up to 20 s) until it answers 200 on `/readyz`. The ports were
-/// free a moment before; when another process took one first, the child exits saying it
-/// cannot bind, and it is started again on two new ports (three tries in all). Any other exit,
-/// or no readiness in 20 s, panics with the child's stderr.
+/// The status `/readyz` answers on admin port `admin`, if it answers.
+pub async fn readyz(admin: u16) -> Option<u16> {
+    let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+        .body(empty())
+        .expect("req");
+    client()
+        .request(req)
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// Starts `keygate serve` with a configuration file that `text` makes of a proxy and an admin
+/// port, and waits (up to 20 s) until it answers 200 on `/readyz`. The ports were free a
+/// moment before; when another process took one first, the child exits saying it cannot bind,
+/// and it is started again on two new ports (three tries in all). Any other exit, or no
+/// readiness in 20 s, panics with the child's stderr.
 pub async fn serve_on_free_ports(
-    config: &std::path::Path,
     text: impl Fn(u16, u16) -> String,
     args: &[&str],
     rust_log: Option<&str>,
 ) -> Started {
-    let c = client();
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("keygate.toml");
     for attempt in 1..=3 {
         let (proxy, admin) = (free_port(), free_port());
-        std::fs::write(config, text(proxy, admin)).expect("write config");
+        std::fs::write(&config, text(proxy, admin)).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        cmd.arg("--config").arg(config).args(args).arg("serve");
+        cmd.arg("--config").arg(&config).args(args).arg("serve");
         match rust_log {
             Some(filter) => cmd.env("RUST_LOG", filter),
             None => cmd.env_remove("RUST_LOG"),
@@ -753,19 +768,8 @@ pub async fn serve_on_free_ports(
         let mut logs = ChildLogs::read(&mut child);
         let started = Instant::now();
         loop {
-            let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-                .body(empty())
-                .expect("req");
-            if let Ok(r) = c.request(req).await {
-                if r.status() == 200 {
-                    return Started {
-                        child,
-                        logs,
-                        proxy,
-                        admin,
-                    };
-                }
-            }
+            // Ready only while the child runs: another process may hold the admin port.
+            let ready = readyz(admin).await == Some(200);
             if child.try_wait().expect("wait").is_some() {
                 let err = logs.collect();
                 assert!(
@@ -773,6 +777,16 @@ pub async fn serve_on_free_ports(
                     "keygate serve exited before it was ready:\n{err}"
                 );
                 break;
+            }
+            if ready {
+                return Started {
+                    child,
+                    logs,
+                    proxy,
+                    admin,
+                    config,
+                    dir,
+                };
             }
             if started.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
@@ -805,8 +819,6 @@ impl Binary {
         args: &[&str],
         rust_log: Option<&str>,
     ) -> Binary {
-        let dir = tempfile::tempdir().expect("dir");
-        let config = dir.path().join("keygate.toml");
         let text = |proxy: u16, admin: u16| {
             format!(
                 "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
@@ -816,8 +828,13 @@ impl Binary {
             )
         };
         let Started {
-            child, logs, proxy, ..
-        } = serve_on_free_ports(&config, text, args, rust_log).await;
+            child,
+            logs,
+            proxy,
+            config,
+            dir,
+            ..
+        } = serve_on_free_ports(text, args, rust_log).await;
         Binary {
             child,
             logs,

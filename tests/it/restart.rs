@@ -24,34 +24,23 @@ struct Served {
 }
 
 impl Served {
-    async fn start(config: impl Fn(u16, u16) -> String) -> Served {
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("keygate.toml");
+    async fn start(text: impl Fn(u16, u16) -> String) -> Served {
         let Started {
             child,
             logs,
             proxy,
             admin,
-        } = serve_on_free_ports(&path, config, &[], Some("info,keygate::access=warn")).await;
+            config,
+            dir,
+        } = serve_on_free_ports(text, &[], Some("info,keygate::access=warn")).await;
         Served {
             child,
             logs,
             proxy,
             admin,
-            config: path,
+            config,
             _dir: dir,
         }
-    }
-
-    async fn readyz(&self) -> Option<u16> {
-        let req = http::Request::get(format!("http://127.0.0.1:{}/readyz", self.admin))
-            .body(empty())
-            .expect("req");
-        client()
-            .request(req)
-            .await
-            .ok()
-            .map(|r| r.status().as_u16())
     }
 
     fn url(&self, path: &str) -> String {
@@ -161,15 +150,7 @@ async fn sigterm_under_load_fails_no_request_and_lets_a_long_stream_finish() {
     let watcher = {
         let draining = draining.clone();
         tokio::spawn(async move {
-            let client = client();
-            loop {
-                let req = http::Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-                    .body(empty())
-                    .expect("req");
-                match client.request(req).await {
-                    Ok(r) if r.status() == 200 => {}
-                    _ => break,
-                }
+            while readyz(admin).await == Some(200) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             draining.store(true, Ordering::Relaxed);
@@ -296,7 +277,7 @@ async fn sighup_reloads_routes_without_dropping_connections_and_refuses_a_bad_fi
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(status("/reports/q3").await, 200);
     assert_eq!(status("/recordings/1").await, 200);
-    assert_eq!(served.readyz().await, Some(200));
+    assert_eq!(readyz(served.admin).await, Some(200));
 
     served.signal("TERM");
     let (exited, logs) = served.wait(Duration::from_secs(15));
