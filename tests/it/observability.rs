@@ -575,6 +575,80 @@ fn the_kubernetes_kit_agrees_with_its_own_configuration() {
     }
 }
 
+/// "1.89", "1.89.0" or "1.95-bookworm" as (major, minor, patch).
+fn rust_version(text: &str) -> (u32, u32, u32) {
+    let numbers = text.split('-').next().unwrap_or(text);
+    let mut parts = numbers.split('.').map(|p| {
+        p.parse()
+            .unwrap_or_else(|_| panic!("not a Rust version: {text}"))
+    });
+    let major = parts.next().expect("major");
+    let minor = parts.next().unwrap_or_else(|| panic!("no minor in {text}"));
+    (major, minor, parts.next().unwrap_or(0))
+}
+
+#[test]
+fn the_dockerfile_compiler_builds_every_locked_dependency() {
+    // The image builds with `--locked`: a compiler older than any locked crate's rust-version
+    // stops `docker build` with "requires rustc X or newer".
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml");
+    let declared = manifest["package"]["rust-version"]
+        .as_str()
+        .expect("Cargo.toml declares package.rust-version");
+    let dockerfile = read("deploy/Dockerfile");
+    let image = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("the Dockerfile builds FROM an official rust image");
+    let image = image.split_whitespace().next().expect("a tag");
+
+    let metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        metadata.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&metadata.stdout).expect("cargo metadata JSON");
+    let resolved: BTreeSet<&str> = metadata["resolve"]["nodes"]
+        .as_array()
+        .expect("resolve.nodes")
+        .iter()
+        .map(|n| n["id"].as_str().expect("id"))
+        .collect();
+    let (newest, needs) = metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .filter(|p| resolved.contains(p["id"].as_str().expect("id")))
+        .filter_map(|p| {
+            let needs = p["rust_version"].as_str()?;
+            Some((
+                rust_version(needs),
+                format!(
+                    "{} {} (rust-version {needs})",
+                    p["name"].as_str()?,
+                    p["version"].as_str()?
+                ),
+            ))
+        })
+        .max()
+        .expect("some locked crate declares a rust-version");
+
+    assert!(
+        rust_version(declared) >= newest,
+        "Cargo.toml's rust-version {declared} is older than what {needs} needs"
+    );
+    assert!(
+        rust_version(image) >= rust_version(declared),
+        "deploy/Dockerfile builds with rust:{image}, older than Cargo.toml's rust-version {declared}"
+    );
+}
+
 /// The test database's URL with a password in it: PostgreSQL on trust auth ignores it, so it
 /// reaches the driver and every place that could log it.
 fn with_password(url: &str, password: &str) -> String {
