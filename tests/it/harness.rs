@@ -712,19 +712,9 @@ pub struct Binary {
     child: Child,
     logs: ChildLogs,
     pub proxy: u16,
+    pub admin: u16,
     config: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-/// `keygate serve` started by `serve_on_free_ports`: the child, its stderr, its ports, and its
-/// configuration file in a directory of its own (removed on drop).
-pub struct Started {
-    pub child: Child,
-    pub logs: ChildLogs,
-    pub proxy: u16,
-    pub admin: u16,
-    pub config: PathBuf,
-    pub dir: tempfile::TempDir,
 }
 
 /// The status `/readyz` answers on admin port `admin`, if it answers.
@@ -739,69 +729,6 @@ pub async fn readyz(admin: u16) -> Option<u16> {
         .map(|r| r.status().as_u16())
 }
 
-/// Starts `keygate serve` with a configuration file that `text` makes of a proxy and an admin
-/// port, and waits (up to 20 s) until it answers 200 on `/readyz`. The ports were free a
-/// moment before; when another process took one first, the child exits saying it cannot bind,
-/// and it is started again on two new ports (three tries in all). Any other exit, or no
-/// readiness in 20 s, panics with the child's stderr.
-pub async fn serve_on_free_ports(
-    text: impl Fn(u16, u16) -> String,
-    args: &[&str],
-    rust_log: Option<&str>,
-) -> Started {
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("keygate.toml");
-    for attempt in 1..=3 {
-        let (proxy, admin) = (free_port(), free_port());
-        std::fs::write(&config, text(proxy, admin)).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        cmd.arg("--config").arg(&config).args(args).arg("serve");
-        match rust_log {
-            Some(filter) => cmd.env("RUST_LOG", filter),
-            None => cmd.env_remove("RUST_LOG"),
-        };
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keygate serve");
-        let mut logs = ChildLogs::read(&mut child);
-        let started = Instant::now();
-        loop {
-            // Ready only while the child runs: another process may hold the admin port.
-            let ready = readyz(admin).await == Some(200);
-            if child.try_wait().expect("wait").is_some() {
-                let err = logs.collect();
-                assert!(
-                    err.contains("cannot bind") && attempt < 3,
-                    "keygate serve exited before it was ready:\n{err}"
-                );
-                break;
-            }
-            if ready {
-                return Started {
-                    child,
-                    logs,
-                    proxy,
-                    admin,
-                    config,
-                    dir,
-                };
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "keygate serve did not become ready in 20 s:\n{}",
-                    logs.collect()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    unreachable!("the third failed start panics")
-}
-
 /// A port free a moment ago, for a child process to bind.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -812,6 +739,71 @@ pub fn free_port() -> u16 {
 }
 
 impl Binary {
+    /// Starts `keygate serve` with a configuration file that `text` makes of a proxy and an admin
+    /// port, and waits (up to 20 s) until it answers 200 on `/readyz`. The ports were free a
+    /// moment before; when another process took one first, the child exits saying it cannot bind,
+    /// and it is started again on two new ports (three tries in all). Any other exit, or no
+    /// readiness in 20 s, panics with the child's stderr.
+    pub async fn serve(
+        text: impl Fn(u16, u16) -> String,
+        args: &[&str],
+        rust_log: Option<&str>,
+    ) -> Binary {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("keygate.toml");
+        for attempt in 1..=3 {
+            let (proxy, admin) = (free_port(), free_port());
+            std::fs::write(&config, text(proxy, admin)).expect("write config");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+            cmd.arg("--config").arg(&config).args(args).arg("serve");
+            match rust_log {
+                Some(filter) => cmd.env("RUST_LOG", filter),
+                None => cmd.env_remove("RUST_LOG"),
+            };
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn keygate serve");
+            let mut logs = ChildLogs::read(&mut child);
+            let started = Instant::now();
+            loop {
+                // Ready only while the child runs: another process may hold the admin port.
+                let ready = readyz(admin).await == Some(200);
+                if child.try_wait().expect("wait").is_some() {
+                    let err = logs.collect();
+                    assert!(
+                        err.contains("cannot bind") && attempt < 3,
+                        "keygate serve exited before it was ready:\n{err}"
+                    );
+                    break;
+                }
+                if ready {
+                    return Binary {
+                        child,
+                        logs,
+                        proxy,
+                        admin,
+                        config,
+                        _dir: dir,
+                    };
+                }
+                if started.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "keygate serve did not become ready in 20 s:\n{}",
+                        logs.collect()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        unreachable!("the third failed start panics")
+    }
+
+    /// `serve` with the suite's usual configuration: fast refresh and flush, cheap hashing, the
+    /// standard routes to `upstream`, and `extra` appended.
     pub async fn start(
         db_url: &str,
         upstream: std::net::SocketAddr,
@@ -827,21 +819,7 @@ impl Binary {
                 standard_routes(upstream)
             )
         };
-        let Started {
-            child,
-            logs,
-            proxy,
-            config,
-            dir,
-            ..
-        } = serve_on_free_ports(text, args, rust_log).await;
-        Binary {
-            child,
-            logs,
-            proxy,
-            config,
-            _dir: dir,
-        }
+        Binary::serve(text, args, rust_log).await
     }
 
     /// Runs a CLI command against the same configuration; returns (stdout, stderr).
@@ -898,7 +876,8 @@ impl Binary {
         self.signal("-CONT");
     }
 
-    fn signal(&self, signal: &str) {
+    /// Sends `signal` (`-TERM`, `-HUP`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(signal)
             .arg(self.child.id().to_string())
@@ -922,15 +901,17 @@ impl Binary {
 
     fn terminate(&mut self) -> (std::process::ExitStatus, String) {
         self.signal("-TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Waits up to `limit` for the process to exit (after a signal); (its status, stderr).
+    pub fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return (status, self.logs.collect());
             }
-            assert!(
-                Instant::now() < deadline,
-                "keygate did not stop after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "keygate did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -2,8 +2,6 @@
 //! lets a long stream finish; SIGHUP reloads routes without dropping connections and refuses a
 //! bad file.
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,67 +11,9 @@ use keygate::manage::{Actor, IssuedKey};
 
 use crate::harness::*;
 
-/// `keygate serve` as a child process on free ports.
-struct Served {
-    child: Child,
-    logs: ChildLogs,
-    proxy: u16,
-    admin: u16,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Served {
-    async fn start(text: impl Fn(u16, u16) -> String) -> Served {
-        let Started {
-            child,
-            logs,
-            proxy,
-            admin,
-            config,
-            dir,
-        } = serve_on_free_ports(text, &[], Some("info,keygate::access=warn")).await;
-        Served {
-            child,
-            logs,
-            proxy,
-            admin,
-            config,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.proxy)
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; returns (exit success, stderr).
-    fn wait(mut self, limit: Duration) -> (bool, String) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status.success(), self.logs.collect());
-            }
-            assert!(Instant::now() < deadline, "keygate did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `keygate serve` on free ports with the configuration `text` makes of them, logging at info.
+async fn serve(text: impl Fn(u16, u16) -> String) -> Binary {
+    Binary::serve(text, &[], Some("info,keygate::access=warn")).await
 }
 
 fn config_text(proxy: u16, admin: u16, db_url: &str, extra_proxy: &str, routes: &str) -> String {
@@ -113,7 +53,7 @@ async fn sigterm_under_load_fails_no_request_and_lets_a_long_stream_finish() {
     let upstream = Upstream::start().await;
     let key = issue(&db.url, &["recordings:read"]).await;
     let secret = key.key.expose().to_string();
-    let served = Served::start(|p, a| {
+    let mut served = serve(|p, a| {
         config_text(
             p,
             a,
@@ -193,7 +133,7 @@ async fn sigterm_under_load_fails_no_request_and_lets_a_long_stream_finish() {
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     let before_stop = ok.load(Ordering::Relaxed);
-    served.signal("TERM");
+    served.signal("-TERM");
     let signalled = Instant::now();
 
     let (got, streamed_for, stream_done) = stream.await.expect("stream task");
@@ -202,7 +142,8 @@ async fn sigterm_under_load_fails_no_request_and_lets_a_long_stream_finish() {
     for w in workers {
         w.await.expect("worker");
     }
-    let (exited, logs) = served.wait(Duration::from_secs(15));
+    let (status, logs) = served.wait_exit(Duration::from_secs(15));
+    let exited = status.success();
     let stopped_in = signalled.elapsed();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!(
@@ -241,8 +182,8 @@ async fn sighup_reloads_routes_without_dropping_connections_and_refuses_a_bad_fi
         "[[routes]]\nname = \"reports\"\npath_prefix = \"/reports\"\nupstream = \"http://{}\"\nscope = \"recordings:read\"\n",
         upstream.addr
     );
-    let served =
-        Served::start(|p, a| config_text(p, a, &db.url, "", &standard_routes(upstream.addr))).await;
+    let mut served =
+        serve(|p, a| config_text(p, a, &db.url, "", &standard_routes(upstream.addr))).await;
     let c = client();
     let status = |path: &str| {
         let req = get(served.url(path), &secret);
@@ -254,9 +195,9 @@ async fn sighup_reloads_routes_without_dropping_connections_and_refuses_a_bad_fi
     // A request in flight across the reload, on a connection that must survive it.
     let in_flight = tokio::spawn(status("/recordings/slow?ms=1500"));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = std::fs::read_to_string(&served.config).expect("read config");
-    std::fs::write(&served.config, format!("{text}\n{reports}")).expect("write config");
-    served.signal("HUP");
+    let text = std::fs::read_to_string(served.config()).expect("read config");
+    std::fs::write(served.config(), format!("{text}\n{reports}")).expect("write config");
+    served.signal("-HUP");
     let started = Instant::now();
     while status("/reports/q3").await != 200 {
         assert!(
@@ -272,15 +213,16 @@ async fn sighup_reloads_routes_without_dropping_connections_and_refuses_a_bad_fi
     );
 
     // A bad file is refused and the running routes stay.
-    std::fs::write(&served.config, "[proxy]\nlisten = \"nonsense\"\n").expect("write config");
-    served.signal("HUP");
+    std::fs::write(served.config(), "[proxy]\nlisten = \"nonsense\"\n").expect("write config");
+    served.signal("-HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(status("/reports/q3").await, 200);
     assert_eq!(status("/recordings/1").await, 200);
     assert_eq!(readyz(served.admin).await, Some(200));
 
-    served.signal("TERM");
-    let (exited, logs) = served.wait(Duration::from_secs(15));
+    served.signal("-TERM");
+    let (status, logs) = served.wait_exit(Duration::from_secs(15));
+    let exited = status.success();
     assert!(exited, "{logs}");
     let refused: Vec<&str> = logs
         .lines()
