@@ -10,7 +10,9 @@ use serde_json::json;
 use crate::clock::{rfc3339, Clock};
 use crate::config::HashingConfig;
 use crate::keys::{self, KeyKind, KeyPrefix, PlaintextKey, Scope, Scopes};
-use crate::store::{Account, AuditEntry, KeyRecord, NewKey, Store, StoreError, User, UserChange};
+use crate::store::{
+    Account, AuditEntry, KeyRecord, NewKey, Replacing, Store, StoreError, User, UserChange,
+};
 
 pub use gateway::{gateway_json, gateway_state, validate_gateway_name, PairedGateway};
 
@@ -62,6 +64,13 @@ impl From<StoreError> for ManageError {
             other => ManageError::Store(other),
         }
     }
+}
+
+/// What a replacement sets on the key it replaces.
+#[derive(Debug)]
+struct Link {
+    expires_at: i64,
+    retire_after_idle_ms: Option<i64>,
 }
 
 /// A freshly issued key: the record and the one copy of the key in clear.
@@ -128,6 +137,21 @@ impl Manager {
         expires_at: Option<i64>,
         actor: &Actor,
     ) -> Result<IssuedKey, ManageError> {
+        self.issue(account, name, scopes, expires_at, actor, None)
+            .await
+    }
+
+    /// Issues a key, and with `replacing` links the old key to it in the same transaction:
+    /// either both are written or neither is.
+    async fn issue(
+        &self,
+        account: &Account,
+        name: &str,
+        scopes: &[String],
+        expires_at: Option<i64>,
+        actor: &Actor,
+        replacing: Option<(&KeyRecord, Link)>,
+    ) -> Result<IssuedKey, ManageError> {
         let name = validate_key_name(name)?;
         let scopes = parse_scopes(scopes)?;
         let now = self.clock.now_ms();
@@ -175,7 +199,13 @@ impl Manager {
                     "expires_at": expires_at.map(rfc3339),
                 }),
             );
-            match self.store.insert_key(&new, &audit).await {
+            let link = replacing.as_ref().map(|(old, link)| Replacing {
+                old_id: old.id,
+                old_expires_at: link.expires_at,
+                retire_after_idle_ms: link.retire_after_idle_ms,
+                audit: self.replacement_audit(actor, old, link, &key.prefix().to_string()),
+            });
+            match self.store.insert_key(&new, &audit, link.as_ref()).await {
                 Ok(record) => return Ok(IssuedKey { record, key }),
                 Err(StoreError::Conflict(_)) => {
                     if self.store.key_by_name(account.id, name).await?.is_some() {
@@ -422,8 +452,9 @@ impl Manager {
         Ok(self.store.append_audit(&[entry]).await?)
     }
 
-    /// "Create replacement": issues a key with the old key's scopes, then sets the old key's
-    /// `expires_at` (the rotation window) and its optional auto-retire rule.
+    /// "Create replacement": issues a key with the old key's scopes and, in the same
+    /// transaction, sets the old key's `expires_at` (the rotation window, never later than an
+    /// expiry it already has) and its optional auto-retire rule.
     pub async fn replace_key(
         &self,
         old: &KeyRecord,
@@ -458,33 +489,23 @@ impl Manager {
             .split_ascii_whitespace()
             .map(str::to_string)
             .collect();
-        let issued = self.issue_key(&account, name, &scopes, None, actor).await?;
-        let old_expires_at = self.now_ms() + window_ms;
-        let stored = Scopes::parse_stored(&old.scopes).unwrap_or_default();
-        let audit = self.audit(
-            actor,
-            "user.updated",
-            KeyPrefix::parse(&old.prefix).ok(),
-            Some(&stored),
-            json!({
-                "change": "key.expiry_changed",
-                "account": old.account_name,
-                "key_name": old.name,
-                "from": old.expires_at.map(rfc3339),
-                "to": rfc3339(old_expires_at),
-                "replaced_by": issued.record.prefix,
-                "retire_after_idle_ms": retire_after_idle_ms,
-            }),
-        );
-        self.store
-            .link_replacement(
-                old.id,
-                issued.record.id,
-                old_expires_at,
-                retire_after_idle_ms,
-                &audit,
-            )
-            .await?;
+        // The old key's window never outlasts the expiry it already has: a replacement
+        // shortens a key's life, never lengthens it, and an expired key stays expired.
+        let window_end = self.now_ms().saturating_add(window_ms);
+        let link = Link {
+            expires_at: old.expires_at.map_or(window_end, |at| at.min(window_end)),
+            retire_after_idle_ms,
+        };
+        let issued = self
+            .issue(&account, name, &scopes, None, actor, Some((old, link)))
+            .await
+            .map_err(|e| match e {
+                ManageError::Store(StoreError::Changed(_)) => ManageError::Conflict(format!(
+                    "key {} was revoked meanwhile; it cannot be replaced",
+                    old.prefix
+                )),
+                e => e,
+            })?;
         let old = self
             .store
             .key(old.id)
@@ -518,6 +539,32 @@ impl Manager {
             }
         }
         Ok(retired)
+    }
+
+    /// The old key's audit entry when `new_prefix` replaces it: its expiry change.
+    fn replacement_audit(
+        &self,
+        actor: &Actor,
+        old: &KeyRecord,
+        link: &Link,
+        new_prefix: &str,
+    ) -> AuditEntry {
+        let stored = Scopes::parse_stored(&old.scopes).unwrap_or_default();
+        self.audit(
+            actor,
+            "user.updated",
+            KeyPrefix::parse(&old.prefix).ok(),
+            Some(&stored),
+            json!({
+                "change": "key.expiry_changed",
+                "account": old.account_name,
+                "key_name": old.name,
+                "from": old.expires_at.map(rfc3339),
+                "to": rfc3339(link.expires_at),
+                "replaced_by": new_prefix,
+                "retire_after_idle_ms": link.retire_after_idle_ms,
+            }),
+        )
     }
 
     fn audit(

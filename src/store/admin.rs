@@ -408,43 +408,6 @@ impl Store {
 
     // ---- rotation ---------------------------------------------------------------------
 
-    /// Links `old_id` to its replacement, sets the old key's expiry and auto-retire rule, in
-    /// one transaction with its audit entry. The old key must still be active.
-    pub async fn link_replacement(
-        &self,
-        old_id: i64,
-        new_id: i64,
-        old_expires_at: i64,
-        retire_after_idle_ms: Option<i64>,
-        audit: &AuditEntry,
-    ) -> Result<(), StoreError> {
-        let changed = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
-            let n = sqlx::query(
-                "UPDATE api_keys SET replaced_by = $1, expires_at = $2, retire_after_idle_ms = $3
-                  WHERE id = $4 AND revoked_at IS NULL",
-            )
-            .bind(new_id)
-            .bind(old_expires_at)
-            .bind(retire_after_idle_ms)
-            .bind(old_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 1 {
-                insert_audit!(&mut *tx, audit).await?;
-            }
-            tx.commit().await?;
-            n
-        });
-        if changed == 0 {
-            return Err(StoreError::Conflict(format!(
-                "key {old_id} is revoked; it cannot be replaced"
-            )));
-        }
-        Ok(())
-    }
-
     /// Active keys that have a replacement and an auto-retire rule, with their replacements.
     /// Every sidecar asks every `database.refresh_interval`; the 0005 partial index keeps that
     /// to the candidates instead of a read of every key.

@@ -39,6 +39,10 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A row the call depends on changed under it (a key revoked while it was being replaced);
+    /// nothing was written.
+    #[error("{0}")]
+    Changed(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -131,6 +135,17 @@ pub struct NewKey {
     pub created_at: i64,
     pub created_by: String,
     pub expires_at: Option<i64>,
+}
+
+/// The key a new key replaces: linked to it, given its rotation window, in the new key's
+/// transaction.
+#[derive(Debug)]
+pub struct Replacing {
+    pub old_id: i64,
+    pub old_expires_at: i64,
+    pub retire_after_idle_ms: Option<i64>,
+    /// The old key's audit entry (its expiry change).
+    pub audit: AuditEntry,
 }
 
 /// One audit-log line. `key_prefix` is the first 8 characters of a key, never more.
@@ -374,12 +389,15 @@ impl Store {
 
     // ---- keys -------------------------------------------------------------------------
 
-    /// Stores a key and its audit entry in one transaction. A prefix or name already taken is
-    /// a `Conflict` (the caller retries a prefix clash with a new key).
+    /// Stores a key and its audit entry in one transaction, and, for a replacement, links the
+    /// old key to it in the same transaction. A prefix or name already taken is a `Conflict`
+    /// (the caller retries a prefix clash with a new key); an old key revoked meanwhile is
+    /// `Changed`, and then nothing is written.
     pub async fn insert_key(
         &self,
         key: &NewKey,
         audit: &AuditEntry,
+        replacing: Option<&Replacing>,
     ) -> Result<KeyRecord, StoreError> {
         let id: i64 = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
@@ -399,6 +417,26 @@ impl Store {
             .await
             .map_err(|e| conflict(e, || "prefix or name taken".to_string()))?;
             insert_audit!(&mut *tx, audit).await?;
+            if let Some(r) = replacing {
+                let linked = sqlx::query(
+                    "UPDATE api_keys SET replaced_by = $1, expires_at = $2, retire_after_idle_ms = $3
+                      WHERE id = $4 AND revoked_at IS NULL",
+                )
+                .bind(id)
+                .bind(r.old_expires_at)
+                .bind(r.retire_after_idle_ms)
+                .bind(r.old_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if linked != 1 {
+                    // Dropping the transaction rolls the new key back.
+                    return Err(StoreError::Changed(
+                        "the key was revoked meanwhile; it cannot be replaced".into(),
+                    ));
+                }
+                insert_audit!(&mut *tx, &r.audit).await?;
+            }
             tx.commit().await?;
             id
         });

@@ -102,6 +102,57 @@ both_engines! {
 }
 
 both_engines! {
+    async fn a_replacement_of_a_key_revoked_meanwhile_writes_nothing(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let account = app.create_account("billing").await;
+        let old = app.create_key(&account, "primary", &["recordings:read"]).await;
+        let actor = keygate::manage::Actor::cli();
+        // The API read the key, then a revoke landed before the replacement was written.
+        let seen = app.manager.store.key(old.record.id).await.expect("key").expect("exists");
+        app.manager.revoke_key(&seen, &actor).await.expect("revoke");
+        let audit_before = app.manager.store.audit(1000).await.expect("audit").len();
+
+        let err = app.manager.replace_key(&seen, "next", 7 * 86_400_000, None, &actor).await
+            .expect_err("the old key is revoked");
+        assert!(matches!(err, keygate::manage::ManageError::Conflict(_)), "{err:?}");
+        assert!(err.to_string().contains(&old.record.prefix), "names the key by prefix: {err}");
+        let keys = app.manager.store.keys(Some(account.id)).await.expect("keys");
+        assert_eq!(keys.len(), 1, "no replacement key was left behind: {keys:?}");
+        assert_eq!(app.manager.store.audit(1000).await.expect("audit").len(), audit_before, "nothing audited");
+        // The name is still free for the next try.
+        app.create_key(&account, "next", &["recordings:read"]).await;
+    }
+}
+
+both_engines! {
+    async fn a_replacement_never_lengthens_or_revives_the_old_key(engine: Engine) {
+        let clock = Clock::manual(system_now_ms());
+        let app = spawn_app_with(engine, AppOptions { clock: clock.clone(), ..Default::default() }).await;
+        let account = app.create_account("billing").await;
+        let actor = keygate::manage::Actor::cli();
+        let hour = 3_600_000;
+
+        // An expiry an hour ahead stays an hour ahead: a 7-day window does not stretch it.
+        let soon = app.create_key_expiring(&account, "soon", &["recordings:read"], Some(clock.now_ms() + hour)).await;
+        let (_, old) = app.manager.replace_key(&soon.record, "soon-next", 7 * 86_400_000, None, &actor).await.expect("replace");
+        assert_eq!(old.expires_at, Some(clock.now_ms() + hour));
+        // A window shorter than the expiry it has shortens it.
+        let later = app.create_key_expiring(&account, "later", &["recordings:read"], Some(clock.now_ms() + 30 * 86_400_000)).await;
+        let (_, old) = app.manager.replace_key(&later.record, "later-next", 7 * 86_400_000, None, &actor).await.expect("replace");
+        assert_eq!(old.expires_at, Some(clock.now_ms() + 7 * 86_400_000));
+
+        // An expired key stays expired; its replacement is a working key with its scopes.
+        let gone = app.create_key_expiring(&account, "gone", &["recordings:read"], Some(clock.now_ms() + hour)).await;
+        clock.advance_ms(2 * hour);
+        let (new, old) = app.manager.replace_key(&gone.record, "gone-next", 7 * 86_400_000, None, &actor).await.expect("replace");
+        assert_eq!(old.expires_at, gone.record.expires_at, "not revived");
+        app.wait_for_key(new.key.prefix().as_str()).await;
+        assert_eq!(app.get("/recordings/1", Some(new.key.expose())).await.status, 200);
+        assert_eq!(app.get("/recordings/1", Some(gone.key.expose())).await.status, 401);
+    }
+}
+
+both_engines! {
     async fn a_scheduled_rotation_keeps_the_old_key_until_its_expiry_and_refuses_it_right_after(engine: Engine) {
         let clock = Clock::manual(system_now_ms());
         let app = spawn_app_with(engine, AppOptions { clock: clock.clone(), ..Default::default() }).await;
