@@ -429,7 +429,12 @@ impl Manager {
         email: &str,
         password: &Password,
     ) -> Result<Option<User>, ManageError> {
-        let found = self.store.user_for_login(email.trim()).await?;
+        // Only an email a user could have is looked up: anything else (too long, a NUL, which
+        // PostgreSQL refuses as text) fails like an unknown user, after the same argon2 run.
+        let found = match validate_email(email) {
+            Ok(email) => self.store.user_for_login(&email).await?,
+            Err(_) => None,
+        };
         let (user, hash) = match found {
             Some((u, h)) if u.disabled_at.is_none() => (Some(u), h),
             _ => (None, dummy_hash(&self.argon)),
@@ -667,9 +672,12 @@ impl std::fmt::Debug for Password {
     }
 }
 
+/// An email address's greatest length in bytes (RFC 5321's path limit).
+pub const MAX_EMAIL_BYTES: usize = 254;
+
 fn validate_email(email: &str) -> Result<String, ManageError> {
     let email = email.trim();
-    let ok = email.len() <= 254
+    let ok = email.len() <= MAX_EMAIL_BYTES
         && email.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty() && !domain.is_empty() && !domain.contains('@')
         })

@@ -60,8 +60,20 @@ struct LoginBody {
 async fn login(
     State(state): State<Arc<AdminState>>,
     ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AdminError> {
+    // Login CSRF, as on the console's form: another site's page must not sign a browser in.
+    // A JSON content type is also required: a page on another site can send a JSON-looking
+    // body as text/plain without asking first, never as application/json.
+    if session::cross_site(&headers) {
+        return Err(AdminError::CrossSiteLogin);
+    }
+    if !json_content(&headers) {
+        return Err(AdminError::Invalid(
+            "the login takes a JSON body with content-type: application/json".into(),
+        ));
+    }
     let body: LoginBody = parse(&body)?;
     let user = super::console::log_in(
         &state,
@@ -492,6 +504,15 @@ async fn key_ref(state: &AdminState, key_ref: &str) -> Result<KeyRecord, AdminEr
             "`{key_ref}` is neither a key id nor a key prefix"
         ))),
     }
+}
+
+/// Whether the request says its body is JSON (`application/json`, any parameters).
+fn json_content(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {

@@ -22,7 +22,7 @@ use super::session::{self, ClientAddr, ConsoleUser, CurrentUser};
 use super::AdminState;
 use crate::clock::{parse_duration_ms, rfc3339};
 use crate::fleet;
-use crate::manage::{is_stale, key_status, Actor, IssuedKey, Password};
+use crate::manage::{is_stale, key_status, Actor, IssuedKey, Password, MAX_EMAIL_BYTES};
 use crate::store::{KeyRecord, User};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
@@ -58,7 +58,7 @@ pub(super) async fn log_in(
     password: Password,
     addr: Option<String>,
 ) -> Result<User, AdminError> {
-    state.throttle.check(email, addr.as_deref()).await?;
+    let attempt = state.throttle.begin(email, addr.as_deref()).await?;
     let user = state.manager.authenticate(email, &password).await?;
     let mut actor = Actor {
         actor_type: "user",
@@ -67,7 +67,7 @@ pub(super) async fn log_in(
     };
     match user {
         Some(user) => {
-            state.throttle.succeeded(email).await;
+            state.throttle.succeeded(attempt).await;
             actor.actor_id = Some(user.id.to_string());
             state
                 .manager
@@ -80,18 +80,28 @@ pub(super) async fn log_in(
             Ok(user)
         }
         None => {
-            state.throttle.failed(email, addr.as_deref()).await;
+            // What a client sent, cut to an email's greatest length: a failed login costs
+            // nothing to send, so it must not let anyone fill the audit log.
             state
                 .manager
                 .record(
                     &actor,
                     "user.login_failed",
-                    serde_json::json!({ "email": email.trim() }),
+                    serde_json::json!({ "email": clip(email.trim(), MAX_EMAIL_BYTES) }),
                 )
                 .await?;
             Err(AdminError::BadLogin)
         }
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Ends the session and audits the logout.
@@ -285,14 +295,7 @@ async fn login_form(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    // Login CSRF: a page on another site must not sign this browser in to an account of the
-    // attacker's choosing (there is no session yet whose token the form could carry).
-    // Browsers say where a form was sent from; a client that does not say is not a browser
-    // form and is let through.
-    if headers
-        .get("sec-fetch-site")
-        .is_some_and(|site| site.as_bytes().eq_ignore_ascii_case(b"cross-site"))
-    {
+    if session::cross_site(&headers) {
         return AdminError::CrossSiteLogin.into_html();
     }
     let form = Form::parse(&body);

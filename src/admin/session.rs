@@ -10,6 +10,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
+use moka::ops::compute::{CompResult, Op};
 
 use super::error::AdminError;
 use super::AdminState;
@@ -205,6 +206,12 @@ pub struct Throttle {
     by_addr: moka::future::Cache<String, u32>,
 }
 
+/// A login attempt, counted against its email's and address's budgets until it succeeds.
+pub struct Attempt {
+    email: String,
+    addr: Option<String>,
+}
+
 impl Default for Throttle {
     fn default() -> Self {
         let cache = || {
@@ -221,34 +228,78 @@ impl Default for Throttle {
 }
 
 impl Throttle {
-    /// Refuses a login attempt for an email or address over its failure budget.
-    pub async fn check(&self, email: &str, addr: Option<&str>) -> Result<(), AdminError> {
-        let email_failures = self.by_email.get(&email.to_ascii_lowercase()).await;
-        let addr_failures = match addr {
-            Some(a) => self.by_addr.get(a).await,
-            None => None,
-        };
-        if email_failures.unwrap_or(0) >= MAX_FAILURES_PER_EMAIL
-            || addr_failures.unwrap_or(0) >= MAX_FAILURES_PER_ADDR
-        {
+    /// Counts a login attempt as a failure before its password is checked, so attempts sent
+    /// at once cannot all pass one look at the budget; refuses it when its email or address
+    /// has spent its budget. `succeeded` takes the count back.
+    ///
+    /// The email is counted as the login looks it up (trimmed, any case), so padding it with
+    /// spaces or changing its case does not start a fresh budget.
+    pub async fn begin(&self, email: &str, addr: Option<&str>) -> Result<Attempt, AdminError> {
+        let email = email.trim().to_ascii_lowercase();
+        if let Some(a) = addr {
+            if !take(&self.by_addr, a, MAX_FAILURES_PER_ADDR).await {
+                return Err(AdminError::Throttled);
+            }
+        }
+        if !take(&self.by_email, &email, MAX_FAILURES_PER_EMAIL).await {
+            if let Some(a) = addr {
+                give_back(&self.by_addr, a).await;
+            }
             return Err(AdminError::Throttled);
         }
-        Ok(())
+        Ok(Attempt {
+            email,
+            addr: addr.map(str::to_string),
+        })
     }
 
-    pub async fn failed(&self, email: &str, addr: Option<&str>) {
-        let email = email.to_ascii_lowercase();
-        let n = self.by_email.get(&email).await.unwrap_or(0);
-        self.by_email.insert(email, n + 1).await;
-        if let Some(a) = addr {
-            let n = self.by_addr.get(a).await.unwrap_or(0);
-            self.by_addr.insert(a.to_string(), n + 1).await;
+    /// A successful login clears its email's failures and takes back its address's count.
+    pub async fn succeeded(&self, attempt: Attempt) {
+        self.by_email.invalidate(&attempt.email).await;
+        if let Some(a) = &attempt.addr {
+            give_back(&self.by_addr, a).await;
         }
     }
+}
 
-    pub async fn succeeded(&self, email: &str) {
-        self.by_email.invalidate(&email.to_ascii_lowercase()).await;
-    }
+/// Adds one to `key`'s count unless it has reached `budget`; whether it was added. One
+/// atomic step per key, whatever runs at the same time.
+async fn take(counts: &moka::future::Cache<String, u32>, key: &str, budget: u32) -> bool {
+    let result = counts
+        .entry_by_ref(key)
+        .and_compute_with(|entry| {
+            let n = entry.map_or(0, |e| e.into_value());
+            std::future::ready(if n >= budget { Op::Nop } else { Op::Put(n + 1) })
+        })
+        .await;
+    matches!(
+        result,
+        CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+    )
+}
+
+/// Takes one back from `key`'s count.
+async fn give_back(counts: &moka::future::Cache<String, u32>, key: &str) {
+    counts
+        .entry_by_ref(key)
+        .and_compute_with(|entry| {
+            std::future::ready(match entry.map(|e| e.into_value()) {
+                Some(n) if n > 1 => Op::Put(n - 1),
+                Some(_) => Op::Remove,
+                None => Op::Nop,
+            })
+        })
+        .await;
+}
+
+/// Whether the browser says a request was sent from another site's page (`Sec-Fetch-Site:
+/// cross-site`). Login CSRF: such a page must not sign this browser in to an account of the
+/// attacker's choosing; there is no session yet whose token the request could carry. A client
+/// that does not say is not a browser and is let through.
+pub fn cross_site(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| site.as_bytes().eq_ignore_ascii_case(b"cross-site"))
 }
 
 /// 32 random bytes as 64 hex characters.
@@ -324,33 +375,71 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_logins_are_throttled_per_email() {
+    async fn failed_logins_are_throttled_per_email_as_the_login_reads_it() {
         let t = Throttle::default();
         for _ in 0..MAX_FAILURES_PER_EMAIL {
-            assert!(t.check("a@example.com", Some("10.0.0.1")).await.is_ok());
-            t.failed("A@example.com", Some("10.0.0.1")).await;
+            t.begin("A@example.com", Some("10.0.0.1"))
+                .await
+                .expect("within budget");
         }
-        assert!(matches!(
-            t.check("a@example.com", Some("10.0.0.2")).await,
-            Err(AdminError::Throttled)
-        ));
-        assert!(t.check("b@example.com", Some("10.0.0.1")).await.is_ok());
+        for spelling in ["a@example.com", " a@example.com", "\tA@EXAMPLE.com\n"] {
+            assert!(matches!(
+                t.begin(spelling, Some("10.0.0.2")).await,
+                Err(AdminError::Throttled)
+            ));
+        }
+        assert!(t.begin("b@example.com", Some("10.0.0.1")).await.is_ok());
     }
 
     #[tokio::test]
     async fn failed_logins_are_throttled_per_client_address_across_emails() {
         let t = Throttle::default();
         for i in 0..MAX_FAILURES_PER_ADDR {
-            t.failed(&format!("user{i}@example.com"), Some("10.0.0.9"))
-                .await;
+            t.begin(&format!("user{i}@example.com"), Some("10.0.0.9"))
+                .await
+                .expect("within budget");
         }
         assert!(matches!(
-            t.check("fresh@example.com", Some("10.0.0.9")).await,
+            t.begin("fresh@example.com", Some("10.0.0.9")).await,
             Err(AdminError::Throttled)
         ));
         assert!(t
-            .check("fresh@example.com", Some("10.0.0.10"))
+            .begin("fresh@example.com", Some("10.0.0.10"))
             .await
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn attempts_at_once_get_no_more_than_the_budget() {
+        let t = Arc::new(Throttle::default());
+        let tries = (0..50).map(|_| {
+            let t = t.clone();
+            tokio::spawn(async move { t.begin("a@example.com", Some("10.0.0.1")).await.is_ok() })
+        });
+        let mut admitted = 0;
+        for r in futures_util::future::join_all(tries).await {
+            admitted += u32::from(r.expect("task"));
+        }
+        assert_eq!(admitted, MAX_FAILURES_PER_EMAIL);
+    }
+
+    #[tokio::test]
+    async fn a_success_clears_its_email_and_takes_back_its_address_count() {
+        let t = Throttle::default();
+        for _ in 0..MAX_FAILURES_PER_EMAIL - 1 {
+            t.begin("a@example.com", Some("10.0.0.1"))
+                .await
+                .expect("within budget");
+        }
+        let ok = t
+            .begin("a@example.com", Some("10.0.0.1"))
+            .await
+            .expect("last try");
+        t.succeeded(ok).await;
+        assert_eq!(t.by_email.get("a@example.com").await, None);
+        assert_eq!(
+            t.by_addr.get("10.0.0.1").await,
+            Some(MAX_FAILURES_PER_EMAIL - 1)
+        );
     }
 }

@@ -250,6 +250,79 @@ both_engines! {
 }
 
 both_engines! {
+    async fn the_api_login_refuses_another_sites_page_and_bodies_not_sent_as_json(engine: Engine) {
+        // A page elsewhere can post `{"email":…,"password":…}` as text/plain without asking
+        // first (an `enctype="text/plain"` form), never as application/json.
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Admin).await;
+        let body = json!({"email": "ada@example.com", "password": PASSWORD}).to_string();
+        let post = |content_type: &'static str, site: Option<&'static str>| {
+            let mut req = Request::post(format!("http://{}/admin/api/v1/login", app.admin_addr))
+                .header("content-type", content_type);
+            if let Some(site) = site {
+                req = req.header("sec-fetch-site", site);
+            }
+            req.body(full(body.clone())).expect("request")
+        };
+        let cross = app.send(post("application/json", Some("cross-site"))).await;
+        assert_eq!(cross.status, StatusCode::FORBIDDEN);
+        assert_eq!(cross.json()["error"], "csrf");
+        for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+            let r = app.send(post(content_type, None)).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{content_type}");
+            assert!(r.text().contains("application/json"), "{}", r.text());
+            assert!(r.headers.get("set-cookie").is_none(), "{content_type}");
+        }
+        let logins = |audit: Vec<keygate::store::AuditEntry>| audit.into_iter().filter(|a| a.action.starts_with("user.login")).count();
+        assert_eq!(logins(app.manager.store.audit(100).await.expect("audit")), 0, "refused before the password is checked");
+        let ok = app.send(post("application/json; charset=utf-8", Some("same-origin"))).await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    }
+}
+
+both_engines! {
+    async fn logins_sent_at_once_or_respelled_get_no_more_guesses_than_the_budget(engine: Engine) {
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Owner).await;
+        let tries = (0..30).map(|_| admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "ada@example.com", "password": "wrong password!"}))));
+        let statuses: Vec<u16> = futures_util::future::join_all(tries).await.iter().map(|r| r.status.as_u16()).collect();
+        assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 5, "{statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 25, "{statuses:?}");
+        // The login trims the email; the budget is the same email however it is padded or cased.
+        for email in [" ada@example.com", "\tada@example.com\n", "ADA@example.com"] {
+            let r = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+                Some(json!({"email": email, "password": PASSWORD}))).await;
+            assert_eq!(r.status, 429, "{email:?}");
+        }
+        let failed = app.manager.store.audit(100).await.expect("audit")
+            .into_iter().filter(|a| a.action == "user.login_failed").count();
+        assert_eq!(failed, 5, "only the guesses that were checked are audited");
+    }
+}
+
+both_engines! {
+    async fn a_login_with_an_email_no_user_could_have_fails_like_a_wrong_password(engine: Engine) {
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Owner).await;
+        let long = format!("ada@example.com{}", "x".repeat(100_000));
+        for email in ["ada\u{0}@example.com", long.as_str()] {
+            let r = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+                Some(json!({"email": email, "password": PASSWORD}))).await;
+            assert_eq!(r.status, 401, "{}", r.text());
+        }
+        let details: Vec<String> = app.manager.store.audit(100).await.expect("audit").into_iter()
+            .filter(|a| a.action == "user.login_failed").map(|a| a.detail).collect();
+        assert_eq!(details.len(), 2);
+        assert!(details.iter().all(|d| d.len() < 300), "the audit log keeps at most an email's length: {:?}",
+            details.iter().map(String::len).collect::<Vec<_>>());
+        let ok = admin(&app, Method::POST, "/admin/api/v1/login", None, None,
+            Some(json!({"email": "ada@example.com", "password": PASSWORD}))).await;
+        assert_eq!(ok.status, 200, "{}", ok.text());
+    }
+}
+
+both_engines! {
     async fn only_owners_and_admins_may_change_accounts_and_keys(engine: Engine) {
         let app = spawn_app(engine).await;
         let owner = session_as(&app, Role::Owner).await;
