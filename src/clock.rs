@@ -70,11 +70,18 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
         })
 }
 
-/// Parses a humane duration such as `90s`, `15m`, `7d` into milliseconds.
+/// The longest duration `parse_duration_ms` accepts: 100 years, so that now plus any
+/// duration is a time every engine, RFC 3339 and every client can hold.
+const MAX_DURATION_MS: i64 = 36_500 * 86_400_000;
+
+/// Parses a humane duration such as `90s`, `15m`, `7d` into milliseconds, at most 100 years.
 pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
-    humantime::parse_duration(s.trim())
-        .map(|d| d.as_millis() as i64)
-        .map_err(|e| format!("`{s}` is not a duration ({e}); examples: 30s, 15m, 7d"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); examples: 30s, 15m, 7d"))?;
+    i64::try_from(d.as_millis())
+        .ok()
+        .filter(|ms| *ms <= MAX_DURATION_MS)
+        .ok_or_else(|| format!("`{s}` is longer than 100 years (36500d)"))
 }
 
 #[cfg(test)]
@@ -93,6 +100,20 @@ mod tests {
     fn durations_accept_days() {
         assert_eq!(parse_duration_ms("7d"), Ok(7 * 86_400_000));
         assert!(parse_duration_ms("7 fortnights").is_err());
+    }
+
+    #[test]
+    fn durations_past_100_years_are_refused_not_wrapped() {
+        assert_eq!(parse_duration_ms("36500d"), Ok(MAX_DURATION_MS));
+        for long in [
+            "36501d",
+            "9223372036854775s",
+            "18446744073709552s",
+            "106751991d",
+        ] {
+            let e = parse_duration_ms(long).expect_err(long);
+            assert!(e.contains("longer than 100 years"), "{long}: {e}");
+        }
     }
 
     #[test]

@@ -103,11 +103,12 @@ impl Manager {
         actor: &Actor,
     ) -> Result<Account, ManageError> {
         validate_account_name(name)?;
+        let description = validate_description(description)?;
         let now = self.clock.now_ms();
         let account = Account {
             id: 0,
             name: name.to_string(),
-            description: description.trim().to_string(),
+            description: description.to_string(),
             created_at: now,
             created_by: actor.label(),
         };
@@ -227,7 +228,8 @@ impl Manager {
     pub async fn key_by_prefix(&self, prefix: &str) -> Result<KeyRecord, ManageError> {
         let parsed = KeyPrefix::parse(prefix).map_err(|_| {
             ManageError::Invalid(format!(
-                "`{prefix}` is not a key prefix (8 characters, e.g. kgsA1b2C)"
+                "`{}` is not a key prefix (8 characters, e.g. kgsA1b2C)",
+                echo_ref(prefix)
             ))
         })?;
         if parsed.kind() != KeyKind::ServiceAccount {
@@ -672,6 +674,19 @@ impl std::fmt::Debug for Password {
     }
 }
 
+/// What a message repeats of a key reference someone typed: at most a prefix's 8
+/// characters, since people paste whole keys where a prefix belongs, and a key must never be
+/// printed, logged or returned after its creation.
+pub fn echo_ref(typed: &str) -> String {
+    let mut chars = typed.chars();
+    let shown: String = chars.by_ref().take(8).collect();
+    if chars.next().is_some() {
+        format!("{shown}…")
+    } else {
+        shown
+    }
+}
+
 /// An email address's greatest length in bytes (RFC 5321's path limit).
 pub const MAX_EMAIL_BYTES: usize = 254;
 
@@ -698,6 +713,19 @@ fn dummy_hash(argon: &Argon2<'static>) -> String {
     DUMMY
         .get_or_init(|| keys::hash_key(argon, keys::generate(KeyKind::ServiceAccount).expose()))
         .clone()
+}
+
+/// An account's description: free text for people, shown in the console and printed by the
+/// CLI, so at most 500 characters and no control characters (no terminal escapes, no NUL,
+/// which PostgreSQL refuses as text).
+fn validate_description(description: &str) -> Result<&str, ManageError> {
+    let description = description.trim();
+    if description.chars().count() > 500 || description.chars().any(char::is_control) {
+        return Err(ManageError::Invalid(
+            "a description must be at most 500 characters, none of them control characters".into(),
+        ));
+    }
+    Ok(description)
 }
 
 fn validate_key_name(name: &str) -> Result<&str, ManageError> {
@@ -763,4 +791,36 @@ pub fn key_json(record: &KeyRecord, now_ms: i64, stale_after_ms: i64) -> serde_j
         "retire_after_idle_ms": record.retire_after_idle_ms,
         "kind": "service_account",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_typed_key_reference_is_echoed_no_further_than_a_prefix() {
+        let key = keys::generate(KeyKind::ServiceAccount);
+        let echoed = echo_ref(key.expose());
+        assert_eq!(echoed, format!("{}…", key.prefix()));
+        assert!(!echoed.contains(&key.expose()[8..]));
+        assert_eq!(echo_ref("kgsA1b2C"), "kgsA1b2C");
+        assert_eq!(echo_ref("42"), "42");
+    }
+
+    #[test]
+    fn descriptions_are_bounded_printable_text() {
+        assert_eq!(
+            validate_description("  billing exports  ").ok(),
+            Some("billing exports")
+        );
+        assert!(validate_description(&"é".repeat(500)).is_ok());
+        for bad in [
+            "x".repeat(501),
+            "\u{1b}[2Jcleared".into(),
+            "a\u{0}b".into(),
+            "two\nlines".into(),
+        ] {
+            assert!(validate_description(&bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -23,7 +23,7 @@ use super::session::{self, ApiUser, ClientAddr, CurrentUser};
 use super::AdminState;
 use crate::clock::{parse_duration_ms, parse_rfc3339, rfc3339};
 use crate::keys::{KeyKind, KeyPrefix};
-use crate::manage::{key_json, Password};
+use crate::manage::{echo_ref, key_json, Password};
 use crate::store::{Account, AuditFilter, AuditRecord, KeyRecord};
 
 /// The CSRF header state-changing API calls carry.
@@ -344,12 +344,23 @@ impl AuditQuery {
                 .transpose()
                 .map_err(AdminError::Invalid)
         };
-        let text = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        // Names from closed sets: anything longer, or with a control character (a NUL, which
+        // PostgreSQL refuses as text), matches nothing and is said to be wrong.
+        let text = |what: &str, s: &Option<String>| match s.as_deref().filter(|s| !s.is_empty()) {
+            Some(t) if t.len() > 64 || t.chars().any(char::is_control) => Err(AdminError::Invalid(
+                format!("`{what}` must be at most 64 printable characters"),
+            )),
+            t => Ok(t.map(str::to_string)),
+        };
+        let key_prefix = match self.key_prefix.as_deref().filter(|s| !s.is_empty()) {
+            Some(p) => Some(prefix_param(p)?.to_string()),
+            None => None,
+        };
         let export = self.format.as_deref() == Some("jsonl");
         Ok(AuditFilter {
-            actor_type: text(&self.actor_type),
-            action: text(&self.action),
-            key_prefix: text(&self.key_prefix),
+            actor_type: text("actor_type", &self.actor_type)?,
+            action: text("action", &self.action)?,
+            key_prefix,
             since_ms: time(&self.since)?,
             until_ms: time(&self.until)?,
             before_id: self.before,
@@ -501,9 +512,21 @@ async fn key_ref(state: &AdminState, key_ref: &str) -> Result<KeyRecord, AdminEr
             .await?
             .ok_or_else(|| AdminError::NotFound(format!("no key with prefix `{key_ref}`"))),
         Err(_) => Err(AdminError::NotFound(format!(
-            "`{key_ref}` is neither a key id nor a key prefix"
+            "`{}` is neither a key id nor a key prefix",
+            echo_ref(key_ref)
         ))),
     }
+}
+
+/// A key prefix given as a query parameter: 400 for anything that is not one. What the client
+/// sent is not repeated past a prefix's length: it may be a whole key.
+pub(super) fn prefix_param(p: &str) -> Result<KeyPrefix, AdminError> {
+    KeyPrefix::parse(p).map_err(|_| {
+        AdminError::Invalid(format!(
+            "`{}` is not a key prefix (8 characters, e.g. kgsA1b2C)",
+            echo_ref(p)
+        ))
+    })
 }
 
 /// Whether the request says its body is JSON (`application/json`, any parameters).

@@ -37,7 +37,11 @@ pub async fn list_sidecars(
         "sidecars": sidecars,
     });
     if let Some(prefix) = query.key_prefix {
-        match fleet::applied(&state.store, &prefix, now, state.heartbeat_interval).await {
+        let prefix = match super::api::prefix_param(&prefix) {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        };
+        match fleet::applied(&state.store, prefix.as_str(), now, state.heartbeat_interval).await {
             Ok(Some(applied)) => body["change"] = json!(applied),
             Ok(None) => {
                 return (

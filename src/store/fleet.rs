@@ -81,9 +81,11 @@ impl Store {
             .await)?)
     }
 
-    /// The change marker of the service-account key with `prefix`, if there is one.
+    /// The change marker of the key (a service account's or a gateway's) with `prefix`, if there
+    /// is one.
     pub async fn key_change_marker(&self, prefix: &str) -> Result<Option<i64>, StoreError> {
-        let sql = "SELECT updated_at FROM api_keys WHERE prefix = $1";
+        let sql = "SELECT updated_at FROM api_keys WHERE prefix = $1
+                   UNION ALL SELECT updated_at FROM gateways WHERE prefix = $1";
         Ok(on_pool!(self, |pool| sqlx::query_scalar::<_, i64>(sql)
             .bind(prefix)
             .fetch_optional(pool)

@@ -497,6 +497,56 @@ both_engines! {
 }
 
 both_engines! {
+    async fn input_no_engine_can_store_gets_400_and_a_pasted_key_is_never_echoed(engine: Engine) {
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Owner).await;
+        let (account, key_id, key) = account_with_key(&app, &s, "billing", &["recordings:read"]).await;
+        let snapshot = |app: &TestApp| {
+            let store = app.manager.store.clone();
+            async move { format!("{:?}", (store.accounts().await.expect("accounts"), store.keys(None).await.expect("keys"))) }
+        };
+        let before = snapshot(&app).await;
+
+        // Descriptions: printable text of a bounded length (a NUL made PostgreSQL answer 503;
+        // terminal escapes reached `keygate account list`).
+        for description in ["a\u{0}b".to_string(), "\u{1b}[2J\u{1b}[31mred".into(), "x".repeat(501)] {
+            let r = change(&app, Method::POST, "/admin/api/v1/service-accounts", &s,
+                Some(json!({"name": "ops", "description": description}))).await;
+            assert_eq!(r.status, 400, "{}", r.text());
+            assert!(r.json()["message"].as_str().expect("message").contains("description"));
+        }
+        // Durations past 100 years are refused, not wrapped into a key that expires at once.
+        for window in ["9223372036854775s", "18446744073709552s", "106751991d"] {
+            let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{key_id}/replace"), &s,
+                Some(json!({"name": "next", "window": window}))).await;
+            assert_eq!(r.status, 400, "{window}: {}", r.text());
+            assert!(r.text().contains("longer than 100 years"), "{}", r.text());
+        }
+        assert_eq!(snapshot(&app).await, before, "nothing changed");
+
+        // Query parameters that can match nothing are said to be wrong, never a 503.
+        for path in ["/admin/api/v1/audit?action=a%00", "/admin/api/v1/audit?actor_type=%00",
+                     "/admin/api/v1/audit?key_prefix=%00", "/admin/api/v1/sidecars?key_prefix=%00"] {
+            let r = get(&app, path, &s).await;
+            assert_eq!(r.status, 400, "{path}: {}", r.text());
+        }
+
+        // A whole key pasted where an id or a prefix belongs is never repeated back.
+        let secret = &key[8..];
+        for path in [format!("/admin/api/v1/keys/{key}"), format!("/admin/api/v1/audit?key_prefix={key}"),
+                     format!("/admin/api/v1/sidecars?key_prefix={key}")] {
+            let r = get(&app, &path, &s).await;
+            assert!(r.status.is_client_error(), "{path}: {}", r.status);
+            assert!(!r.text().contains(secret), "{path} echoed the key: {}", r.text());
+            assert!(r.text().contains(&key[..8]), "but names the prefix: {}", r.text());
+        }
+        let listed = get(&app, &format!("/admin/api/v1/sidecars?key_prefix={}", &key[..8]), &s).await;
+        assert_eq!(listed.status, 200, "{}", listed.text());
+        let _ = account;
+    }
+}
+
+both_engines! {
     async fn an_idle_session_expires_and_unused_keys_are_flagged_stale(engine: Engine) {
         let clock = Clock::manual(system_now_ms());
         let app = spawn_app_with(engine, AppOptions { clock: clock.clone(), ..Default::default() }).await;
