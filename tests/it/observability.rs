@@ -545,6 +545,7 @@ fn the_kubernetes_kit_agrees_with_its_own_configuration() {
         "kind: Service",
         "targetPort: proxy",
         "requests:",
+        "enableServiceLinks: false",
     ] {
         assert!(
             manifest.contains(needle),
