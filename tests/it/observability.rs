@@ -896,6 +896,79 @@ fn the_image_and_the_pod_start_keygate_on_one_config_file_no_variable_overrides(
     }
 }
 
+/// A Kubernetes CPU quantity (`2`, `"1500m"`) in millicores.
+fn millicores(q: &str) -> u64 {
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().expect("millicores"),
+        None => (q.parse::<f64>().expect("cores") * 1000.0) as u64,
+    }
+}
+
+/// A Kubernetes memory quantity (`256Mi`, `1Gi`) in bytes.
+fn bytes(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.find(|c: char| c.is_alphabetic()).unwrap_or(q.len()));
+    let n: u64 = n.parse().expect("a number");
+    n * match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => panic!("memory unit {unit}"),
+    }
+}
+
+#[test]
+fn the_pod_sizes_workers_and_argon2_to_its_cpu_limit_and_fits_them_in_its_memory_limit() {
+    let manifest = read("deploy/kubernetes/keygate.yaml");
+    let toml_text = configmap_toml(&manifest);
+    let file: toml::Table = toml_text.parse().expect("toml");
+    let config = Config::from_toml(
+        &toml_text,
+        "ConfigMap keygate.toml",
+        [(
+            "KEYGATE_DATABASE_URL".to_string(),
+            "postgres://keygate:secret@db/keygate".to_string(),
+        )],
+    )
+    .expect("valid");
+    let pod = container(&manifest, "keygate");
+    let cpu = yaml_path(&pod, &["resources", "limits", "cpu"])
+        .expect("keygate has a CPU limit: 0 workers would otherwise mean one per node core");
+    let cpus = millicores(&cpu).div_ceil(1000) as usize;
+
+    // 0 means one per core of the node, not of the pod: both must be set.
+    for (section, key) in [("proxy", "workers"), ("verification", "max_concurrent")] {
+        let set = file[section].get(key).and_then(toml::Value::as_integer);
+        assert!(
+            set.is_some_and(|n| n > 0),
+            "the ConfigMap must set {section}.{key} (0 is one per node core)"
+        );
+    }
+    assert!(
+        config.proxy.workers <= cpus,
+        "proxy.workers over the CPU limit {cpu}"
+    );
+    assert!(
+        config.verification.max_concurrent <= cpus,
+        "verification.max_concurrent over the CPU limit {cpu}"
+    );
+
+    // The budget the manifest's comment spells out: running keygate, a table of 100,000 keys,
+    // one argon2 memory per verification at once, and every allowed connection.
+    let memory = yaml_path(&pod, &["resources", "limits", "memory"]).expect("a memory limit");
+    let need = 20 * (1 << 20)
+        + 100_000 * 270
+        + config.verification.max_concurrent as u64 * u64::from(config.hashing.memory_kib) * 1024
+        + config.proxy.limits.max_connections as u64 * 30_000;
+    assert!(
+        bytes(&memory) >= need,
+        "memory limit {memory} under the {} MiB keygate can use",
+        need >> 20
+    );
+}
+
 /// "1.89", "1.89.0" or "1.95-bookworm" as (major, minor, patch).
 fn rust_version(text: &str) -> (u32, u32, u32) {
     let numbers = text.split('-').next().unwrap_or(text);
