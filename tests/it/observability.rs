@@ -164,6 +164,14 @@ both_engines! {
         assert_eq!(call(&app, "POST", "/tickets/1", Some(&good)).await.status, 403);
         assert_eq!(call(&app, "GET", "/nowhere", Some(&good)).await.status, 404);
         assert_eq!(call(&app, "GET", "/recordings//1", Some(&good)).await.status, 400);
+        // Credentials are read after routing: two of them are a bad_request on the route.
+        let two_keys = http::Request::builder()
+            .uri(app.url("/recordings/1"))
+            .header("authorization", format!("Bearer {good}"))
+            .header("x-api-key", &good)
+            .body(empty())
+            .expect("request");
+        assert_eq!(app.send(two_keys).await.status, 400);
 
         let text = scrape(&app).await;
         let allowed = 2.0;
@@ -178,6 +186,7 @@ both_engines! {
             (requests("tickets", "write", "forbidden", "insufficient_scope", "4xx"), 1.0),
             (requests("(none)", "read", "not_found", "none", "4xx"), 1.0),
             (requests("(none)", "read", "bad_request", "none", "4xx"), 1.0),
+            (requests("recordings-read", "read", "bad_request", "none", "4xx"), 1.0),
         ];
         for (series, value) in &expect {
             assert_eq!(sample(&text, series), Some(*value), "{series} in:\n{text}");
@@ -200,7 +209,7 @@ both_engines! {
             Some(allowed)
         );
         // Every request above was timed, whatever its outcome.
-        assert_eq!(sample(&text, "keygate_auth_duration_seconds_count"), Some(11.0));
+        assert_eq!(sample(&text, "keygate_auth_duration_seconds_count"), Some(12.0));
         assert_eq!(
             sample(&text, &format!(r#"keygate_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))),
             Some(1.0)
