@@ -1,7 +1,8 @@
 //! What SREs and ops see: a live `/metrics` scrape checked by promtool and by value, the alert
 //! rules and dashboard checked against it, the references checked against the config and the
-//! scrape, the Kubernetes kit checked against its own configuration, and the real binary's
-//! logs at trace level checked for keys, hashes and passwords.
+//! scrape, the Kubernetes kit and the image checked against their own configuration (their
+//! command lines run by the real binary), and the real binary's logs at trace level checked
+//! for keys, hashes and passwords.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -163,6 +164,14 @@ both_engines! {
         assert_eq!(call(&app, "POST", "/tickets/1", Some(&good)).await.status, 403);
         assert_eq!(call(&app, "GET", "/nowhere", Some(&good)).await.status, 404);
         assert_eq!(call(&app, "GET", "/recordings//1", Some(&good)).await.status, 400);
+        // Credentials are read after routing: two of them are a bad_request on the route.
+        let two_keys = http::Request::builder()
+            .uri(app.url("/recordings/1"))
+            .header("authorization", format!("Bearer {good}"))
+            .header("x-api-key", &good)
+            .body(empty())
+            .expect("request");
+        assert_eq!(app.send(two_keys).await.status, 400);
 
         let text = scrape(&app).await;
         let allowed = 2.0;
@@ -177,6 +186,7 @@ both_engines! {
             (requests("tickets", "write", "forbidden", "insufficient_scope", "4xx"), 1.0),
             (requests("(none)", "read", "not_found", "none", "4xx"), 1.0),
             (requests("(none)", "read", "bad_request", "none", "4xx"), 1.0),
+            (requests("recordings-read", "read", "bad_request", "none", "4xx"), 1.0),
         ];
         for (series, value) in &expect {
             assert_eq!(sample(&text, series), Some(*value), "{series} in:\n{text}");
@@ -199,7 +209,7 @@ both_engines! {
             Some(allowed)
         );
         // Every request above was timed, whatever its outcome.
-        assert_eq!(sample(&text, "keygate_auth_duration_seconds_count"), Some(11.0));
+        assert_eq!(sample(&text, "keygate_auth_duration_seconds_count"), Some(12.0));
         assert_eq!(
             sample(&text, &format!(r#"keygate_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))),
             Some(1.0)
@@ -544,6 +554,7 @@ fn the_kubernetes_kit_agrees_with_its_own_configuration() {
         "kind: Service",
         "targetPort: proxy",
         "requests:",
+        "enableServiceLinks: false",
     ] {
         assert!(
             manifest.contains(needle),
@@ -573,6 +584,398 @@ fn the_kubernetes_kit_agrees_with_its_own_configuration() {
     ] {
         assert!(unit.contains(needle), "`{needle}` missing from the unit");
     }
+}
+
+/// The last stage of a Dockerfile: what the image is.
+fn final_stage(dockerfile: &str) -> &str {
+    let at = dockerfile
+        .rfind("\nFROM ")
+        .expect("the Dockerfile has a FROM");
+    &dockerfile[at..]
+}
+
+/// The JSON array of the stage's last `ENTRYPOINT [...]` or `CMD [...]` (the one that counts).
+fn dockerfile_array(stage: &str, instruction: &str) -> Vec<String> {
+    let text = stage
+        .lines()
+        .filter_map(|l| l.strip_prefix(instruction)?.strip_prefix(' '))
+        .next_back()
+        .unwrap_or_else(|| panic!("no {instruction} in the image"));
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{instruction} {text}: not a JSON array (exec form): {e}"))
+}
+
+/// The stage's `ENV KEY=VALUE ...` settings, continuation lines joined.
+fn dockerfile_env(stage: &str) -> Vec<(String, String)> {
+    let joined = stage.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            match words.first() {
+                Some(w) if !w.contains('=') => vec![(w.to_string(), words[1..].join(" "))],
+                _ => words
+                    .iter()
+                    .map(|w| {
+                        let (k, v) = w.split_once('=').expect("ENV KEY=VALUE");
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// The lines of the YAML block under `lines[at]`: those after it indented deeper (blank and
+/// comment lines left out).
+fn yaml_block<'a>(lines: &[&'a str], at: usize) -> Vec<&'a str> {
+    let depth = indent(lines[at]);
+    lines[at + 1..]
+        .iter()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .take_while(|l| indent(l) > depth)
+        .copied()
+        .collect()
+}
+
+/// The lines of the Deployment's container `name` (its `- name:` line first).
+fn container<'a>(manifest: &'a str, name: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = manifest.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == format!("- name: {name}"))
+        .unwrap_or_else(|| panic!("no container {name}"));
+    // The `- ` belongs to the list: the container's keys sit two columns deeper.
+    let keys = indent(lines[at]) + 2;
+    let mut block = vec![lines[at]];
+    block.extend(
+        lines[at + 1..]
+            .iter()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .take_while(|l| {
+                indent(l) >= keys && !(indent(l) == keys && l.trim().starts_with("- "))
+            }),
+    );
+    block
+}
+
+/// `key: value` among a container's own keys (not nested ones), quotes removed.
+fn yaml_value(lines: &[&str], key: &str) -> Option<String> {
+    let keys = indent(lines[0]) + 2;
+    lines.iter().find_map(|l| {
+        // A key after a list's dash (`- name: keygate`) sits two columns right of the dash.
+        let (at, text) = match l.trim_start().strip_prefix("- ") {
+            Some(text) => (indent(l) + 2, text),
+            None => (indent(l), l.trim_start()),
+        };
+        let value = text.strip_prefix(key)?.strip_prefix(':')?.trim();
+        (at == keys).then(|| value.trim_matches('"').to_string())
+    })
+}
+
+/// The value under `path` (e.g. `["resources", "limits", "cpu"]`) in a container.
+fn yaml_path(lines: &[&str], path: &[&str]) -> Option<String> {
+    let (last, parents) = path.split_last().expect("a path");
+    let mut scope: Vec<&str> = lines.to_vec();
+    for parent in parents {
+        let depth = scope.iter().map(|l| indent(l)).min()?;
+        let at = scope
+            .iter()
+            .position(|l| indent(l) <= depth + 2 && l.trim() == format!("{parent}:"))?;
+        scope = yaml_block(&scope, at);
+    }
+    let depth = scope.iter().map(|l| indent(l)).min()?;
+    scope.iter().find_map(|l| {
+        let v = l.trim().strip_prefix(last)?.strip_prefix(':')?.trim();
+        (indent(l) == depth).then(|| v.trim_matches('"').to_string())
+    })
+}
+
+/// `command:` or `args:` of a container, written as a JSON flow sequence.
+fn container_array(lines: &[&str], key: &str) -> Option<Vec<String>> {
+    let text = yaml_value(lines, key)?;
+    Some(
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{key}: {text}: write it as [\"...\"] ({e})")),
+    )
+}
+
+/// A container's `env`: literal values, and `secretKeyRef`s read from the manifest's Secret.
+fn container_env(manifest: &str, lines: &[&str]) -> Vec<(String, String)> {
+    let Some(at) = lines.iter().position(|l| l.trim() == "env:") else {
+        return Vec::new();
+    };
+    let block = yaml_block(lines, at);
+    let item = block.iter().map(|l| indent(l)).min().unwrap_or(0);
+    let mut env = Vec::new();
+    for (i, line) in block.iter().enumerate() {
+        let Some(name) = line.trim().strip_prefix("- name:") else {
+            continue;
+        };
+        let entry: Vec<&str> = block[i + 1..]
+            .iter()
+            .take_while(|l| indent(l) > item)
+            .copied()
+            .collect();
+        let field = |key: &str| {
+            entry.iter().find_map(|l| {
+                Some(
+                    l.trim()
+                        .strip_prefix(key)?
+                        .trim()
+                        .trim_matches('"')
+                        .to_string(),
+                )
+            })
+        };
+        let value = match field("value:") {
+            Some(v) => v,
+            None => {
+                let key = field("key:").expect("a literal value or a secretKeyRef");
+                secret_value(manifest, &key)
+            }
+        };
+        env.push((name.trim().to_string(), value));
+    }
+    env
+}
+
+/// `stringData.<key>` of the manifest's Secret.
+fn secret_value(manifest: &str, key: &str) -> String {
+    let secret = manifest
+        .split("\n---")
+        .find(|doc| doc.contains("\nkind: Secret"))
+        .expect("the manifest has a Secret");
+    secret
+        .lines()
+        .find_map(|l| Some(l.trim().strip_prefix(key)?.strip_prefix(':')?.trim()))
+        .map(|v| serde_json::from_str(v).unwrap_or_else(|_| v.to_string()))
+        .unwrap_or_else(|| panic!("the Secret has no {key}"))
+}
+
+/// Runs the real binary as a container would: `argv` with its first word replaced by the
+/// binary, every configuration path by `config`, and `serve` by `config check`; only `env`.
+fn run_as_container(argv: &[String], env: &[(String, String)], config: &Path) -> Output {
+    let mut args: Vec<String> = Vec::new();
+    let mut rest = argv[1..].iter();
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--config" => {
+                rest.next();
+                args.extend(["--config".into(), config.display().to_string()]);
+            }
+            "serve" => args.extend(["config".into(), "check".into()]),
+            _ => args.push(a.clone()),
+        }
+    }
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(&args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| {
+            let v = if k == "KEYGATE_CONFIG" {
+                config.display().to_string()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        }))
+        .output()
+        .expect("run keygate")
+}
+
+/// The configuration file `argv` (its first `--config`) or else `env` names.
+fn config_path(argv: &[String], env: &[(String, String)]) -> String {
+    argv.windows(2)
+        .find(|w| w[0] == "--config")
+        .map(|w| w[1].clone())
+        .or_else(|| {
+            let var = env.iter().rev().find(|(k, _)| k == "KEYGATE_CONFIG");
+            var.map(|(_, path)| path.clone())
+        })
+        .expect("nothing names a configuration file: keygate would run on its defaults")
+}
+
+/// `KEYGATE_<SECTION>_<SETTING>` variables that override a setting `file` sets.
+fn overridden(env: &[(String, String)], file: &toml::Table) -> Vec<String> {
+    env.iter()
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix("KEYGATE_")?.to_ascii_lowercase();
+            file.iter()
+                .filter_map(|(section, t)| Some((section, t.as_table()?)))
+                .any(|(section, t)| {
+                    rest.strip_prefix(section.as_str())
+                        .and_then(|k| k.strip_prefix('_'))
+                        .is_some_and(|k| t.contains_key(k))
+                })
+                .then(|| name.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn the_image_and_the_pod_start_keygate_on_one_config_file_no_variable_overrides() {
+    let dockerfile = read("deploy/Dockerfile");
+    let image = final_stage(&dockerfile);
+    let entrypoint = dockerfile_array(image, "ENTRYPOINT");
+    let image_env = dockerfile_env(image);
+    let manifest = read("deploy/kubernetes/keygate.yaml");
+    let pod = container(&manifest, "keygate");
+
+    // Kubernetes: `command` replaces the ENTRYPOINT (and drops CMD), `args` replaces CMD.
+    let command = container_array(&pod, "command");
+    let args = container_array(&pod, "args");
+    let cmd = dockerfile_array(image, "CMD");
+    let pod_argv: Vec<String> = match &command {
+        Some(c) => c.iter().chain(args.iter().flatten()).cloned().collect(),
+        None => entrypoint
+            .iter()
+            .chain(args.as_ref().unwrap_or(&cmd))
+            .cloned()
+            .collect(),
+    };
+    let image_argv: Vec<String> = entrypoint.iter().chain(&cmd).cloned().collect();
+    let mut pod_env = image_env.clone();
+    pod_env.extend(container_env(&manifest, &pod));
+
+    for (what, argv) in [("image", &image_argv), ("pod", &pod_argv)] {
+        assert_eq!(
+            argv.iter().filter(|a| *a == "serve").count(),
+            1,
+            "the {what} runs `keygate ... serve`: {argv:?}"
+        );
+        assert!(argv[0].ends_with("keygate"), "{what}: {argv:?}");
+    }
+
+    // The image alone runs on the file it copies to the path it names.
+    let path = config_path(&image_argv, &image_env);
+    let source = image
+        .lines()
+        .find_map(|l| l.strip_prefix("COPY ")?.strip_suffix(&format!(" {path}")))
+        .unwrap_or_else(|| panic!("the image does not COPY a file to {path}"));
+    let baked = read(source);
+    let out = run_as_container(&image_argv, &image_env, &repo(source));
+    assert!(
+        out.status.success(),
+        "the image's `{}` exits {}: {}",
+        image_argv.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = Config::from_toml(&baked, source, image_env.clone()).expect("valid");
+    assert!(
+        config.proxy.listen.ip().is_unspecified() && config.admin.listen.ip().is_unspecified(),
+        "{source}: a container must listen on its own address, not loopback"
+    );
+
+    // The pod runs on the ConfigMap, mounted at that path.
+    let path = config_path(&pod_argv, &pod_env);
+    let dir = Path::new(&path).parent().expect("a directory").display();
+    assert!(
+        manifest.contains(&format!("mountPath: {dir}\n")),
+        "the ConfigMap is not mounted at {dir}"
+    );
+    assert!(path.ends_with("/keygate.toml"), "{path}");
+    let file = crate::cli::write_config(&configmap_toml(&manifest));
+    let out = run_as_container(&pod_argv, &pod_env, &file.path);
+    assert!(
+        out.status.success(),
+        "the pod's `{}` exits {}: {}",
+        pod_argv.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The environment beats the file: a variable for a setting the file sets wins silently.
+    let image_file: toml::Table = baked.parse().expect("toml");
+    let configmap: toml::Table = configmap_toml(&manifest).parse().expect("toml");
+    for (what, env, file) in [
+        ("the image", &image_env, &image_file),
+        ("the pod", &pod_env, &configmap),
+    ] {
+        let names = overridden(env, file);
+        assert!(
+            names.is_empty(),
+            "in {what}, {names:?} override settings its configuration file sets"
+        );
+    }
+}
+
+/// A Kubernetes CPU quantity (`2`, `"1500m"`) in millicores.
+fn millicores(q: &str) -> u64 {
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().expect("millicores"),
+        None => (q.parse::<f64>().expect("cores") * 1000.0) as u64,
+    }
+}
+
+/// A Kubernetes memory quantity (`256Mi`, `1Gi`) in bytes.
+fn bytes(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.find(|c: char| c.is_alphabetic()).unwrap_or(q.len()));
+    let n: u64 = n.parse().expect("a number");
+    n * match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => panic!("memory unit {unit}"),
+    }
+}
+
+#[test]
+fn the_pod_sizes_workers_and_argon2_to_its_cpu_limit_and_fits_them_in_its_memory_limit() {
+    let manifest = read("deploy/kubernetes/keygate.yaml");
+    let toml_text = configmap_toml(&manifest);
+    let file: toml::Table = toml_text.parse().expect("toml");
+    let config = Config::from_toml(
+        &toml_text,
+        "ConfigMap keygate.toml",
+        [(
+            "KEYGATE_DATABASE_URL".to_string(),
+            "postgres://keygate:secret@db/keygate".to_string(),
+        )],
+    )
+    .expect("valid");
+    let pod = container(&manifest, "keygate");
+    let cpu = yaml_path(&pod, &["resources", "limits", "cpu"])
+        .expect("keygate has a CPU limit: 0 workers would otherwise mean one per node core");
+    let cpus = millicores(&cpu).div_ceil(1000) as usize;
+
+    // 0 means one per core of the node, not of the pod: both must be set.
+    for (section, key) in [("proxy", "workers"), ("verification", "max_concurrent")] {
+        let set = file[section].get(key).and_then(toml::Value::as_integer);
+        assert!(
+            set.is_some_and(|n| n > 0),
+            "the ConfigMap must set {section}.{key} (0 is one per node core)"
+        );
+    }
+    assert!(
+        config.proxy.workers <= cpus,
+        "proxy.workers over the CPU limit {cpu}"
+    );
+    assert!(
+        config.verification.max_concurrent <= cpus,
+        "verification.max_concurrent over the CPU limit {cpu}"
+    );
+
+    // The budget the manifest's comment spells out: running keygate, a table of 100,000 keys,
+    // one argon2 memory per verification at once, and every allowed connection.
+    let memory = yaml_path(&pod, &["resources", "limits", "memory"]).expect("a memory limit");
+    let need = 20 * (1 << 20)
+        + 100_000 * 270
+        + config.verification.max_concurrent as u64 * u64::from(config.hashing.memory_kib) * 1024
+        + config.proxy.limits.max_connections as u64 * 30_000;
+    assert!(
+        bytes(&memory) >= need,
+        "memory limit {memory} under the {} MiB keygate can use",
+        need >> 20
+    );
 }
 
 /// "1.89", "1.89.0" or "1.95-bookworm" as (major, minor, patch).
