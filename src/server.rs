@@ -45,6 +45,8 @@ pub struct Keygate {
     pub setup_url: Option<String>,
     /// The proxy listener's certificate when it serves TLS.
     pub certs: Option<Arc<CertStore>>,
+    /// The admin listener's state, for what a reload changes there (the scopes).
+    admin: Arc<AdminState>,
     /// Stops the listeners.
     stop_accepting: CancellationToken,
     /// Stops background work once requests have drained.
@@ -163,6 +165,7 @@ pub async fn start(
         },
     ));
 
+    let admin_state_for_reload = admin_state.clone();
     let stop_accepting = CancellationToken::new();
     let stop_background = CancellationToken::new();
     let proxy_addr = proxy::local_addr(&proxy_listener);
@@ -259,6 +262,7 @@ pub async fn start(
         metrics,
         setup_url,
         certs,
+        admin: admin_state_for_reload,
         stop_accepting,
         stop_background,
         listeners,
@@ -280,7 +284,8 @@ impl Keygate {
     }
 
     /// Applies a new configuration without dropping connections: the routes (requests already
-    /// routed finish on the old ones) and the TLS certificate (re-read from its files; open
+    /// routed finish on the old ones), the scopes the console and the API offer for keys and
+    /// give gateways (`[gateways] scopes`), and the TLS certificate (re-read from its files; open
     /// connections keep their session). Settings that need a restart are left as they are.
     pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
         self.proxy
@@ -288,10 +293,11 @@ impl Keygate {
             .map_err(ReloadError::NeedsRestart)?;
         self.reload_tls()?;
         self.proxy.replace_routes(&config.routes);
+        self.admin.reload(config);
         tracing::info!(
             routes = config.routes.len(),
             tls = self.certs.is_some(),
-            "configuration reloaded (routes, TLS certificate); other settings apply at the next restart"
+            "configuration reloaded (routes, the scopes keys and gateways may get, TLS certificate); other settings apply at the next restart"
         );
         Ok(())
     }

@@ -114,7 +114,8 @@ async fn current_session(ApiUser(user): ApiUser) -> Json<Value> {
 }
 
 async fn list_scopes(State(state): State<Arc<AdminState>>, ApiUser(_): ApiUser) -> Json<Value> {
-    let scopes: Vec<&str> = state.route_scopes.iter().map(|s| s.as_str()).collect();
+    let configured = state.scopes();
+    let scopes: Vec<&str> = configured.routes.iter().map(|s| s.as_str()).collect();
     Json(json!({ "scopes": scopes }))
 }
 
@@ -455,11 +456,12 @@ fn csrf(headers: &HeaderMap) -> Option<&str> {
 /// New keys may only hold scopes some configured route requires (when routes exist), so a
 /// typo cannot make a key silently narrower than intended.
 pub(super) fn check_route_scopes(state: &AdminState, scopes: &[String]) -> Result<(), AdminError> {
-    if state.route_scopes.is_empty() {
+    let configured = state.scopes();
+    if configured.routes.is_empty() {
         return Ok(());
     }
     for s in scopes {
-        if !state.route_scopes.iter().any(|r| r.as_str() == s.trim()) {
+        if !configured.routes.iter().any(|r| r.as_str() == s.trim()) {
             return Err(AdminError::Invalid(format!(
                 "no configured route requires scope `{s}`"
             )));

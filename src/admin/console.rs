@@ -539,7 +539,8 @@ async fn account_view(
             keys,
             rotations,
             route_scopes: state
-                .route_scopes
+                .scopes()
+                .routes
                 .iter()
                 .map(|s| s.as_str().to_string())
                 .collect(),

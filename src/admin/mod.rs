@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -47,10 +48,8 @@ pub struct AdminState {
     pub stopping: CancellationToken,
     pub metrics: Arc<Metrics>,
     pub manager: Arc<Manager>,
-    /// Scopes the configured routes require: what the console offers for new keys.
-    pub route_scopes: Vec<Scope>,
-    /// `[gateways] scopes`: what pairing and re-pairing give a gateway's key.
-    pub gateway_scopes: Scopes,
+    /// The scopes the configuration names, swapped whole when SIGHUP reloads it.
+    scopes: ArcSwap<ConfiguredScopes>,
     pub secure_cookies: bool,
     pub session_idle_timeout: Duration,
     pub stale_after: Duration,
@@ -59,7 +58,35 @@ pub struct AdminState {
     throttle: session::Throttle,
 }
 
+/// The scopes the configuration names, as the console and the API offer and check them.
+pub struct ConfiguredScopes {
+    /// Scopes the configured routes require: what the console offers for new keys.
+    pub routes: Vec<Scope>,
+    /// `[gateways] scopes`: what pairing and re-pairing give a gateway's key.
+    pub gateways: Scopes,
+}
+
+impl ConfiguredScopes {
+    fn of(config: &Config) -> Self {
+        ConfiguredScopes {
+            routes: config.route_scopes(),
+            gateways: config.gateways.scopes.clone(),
+        }
+    }
+}
+
 impl AdminState {
+    /// The scopes of the configuration in force.
+    pub fn scopes(&self) -> Arc<ConfiguredScopes> {
+        self.scopes.load_full()
+    }
+
+    /// Takes the scopes of a reloaded configuration (SIGHUP): new routes' scopes are offered
+    /// and accepted for keys, and pairing gives gateways the new `[gateways] scopes`.
+    pub fn reload(&self, config: &Config) {
+        self.scopes.store(Arc::new(ConfiguredScopes::of(config)));
+    }
+
     pub fn new(
         config: &Config,
         table: Arc<KeyTable>,
@@ -78,8 +105,7 @@ impl AdminState {
             stopping: instance.stopping,
             metrics: instance.metrics,
             manager,
-            route_scopes: config.route_scopes(),
-            gateway_scopes: config.gateways.scopes.clone(),
+            scopes: ArcSwap::from_pointee(ConfiguredScopes::of(config)),
             secure_cookies: config.admin.secure_cookies,
             session_idle_timeout: config.admin.session_idle_timeout,
             stale_after: config.admin.stale_after,

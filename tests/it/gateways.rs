@@ -433,3 +433,36 @@ both_engines! {
         assert!(r.text().contains("Gateway re-paired"));
     }
 }
+
+both_engines! {
+    async fn a_reload_brings_new_route_scopes_and_gateway_scopes_to_the_api(engine: Engine) {
+        // Started without [gateways] scopes and without a reports route.
+        let app = spawn_app(engine).await;
+        let s = session_as(&app, Role::Owner).await;
+        let refused = change(&app, Method::POST, "/admin/api/v1/gateways", &s, Some(json!({"name": "edge-1"}))).await;
+        assert_eq!(refused.status, 400, "{}", refused.text());
+        assert!(!get(&app, "/admin/api/v1/scopes", &s).await.json()["scopes"].to_string().contains("reports:read"));
+
+        // SIGHUP: the file now has a reports route and gateway scopes.
+        let reports = format!(
+            "[[routes]]\nname = \"reports\"\npath_prefix = \"/reports\"\nupstream = \"http://{}\"\nscope = \"reports:read\"\n",
+            app.upstream.addr
+        );
+        let toml = test_config_toml("sqlite://unused.db", app.upstream.addr, &AppOptions {
+            extra_toml: format!("{GATEWAY_TOML}\n{reports}"),
+            ..AppOptions::default()
+        });
+        let config = keygate::config::Config::from_toml(&toml, "test", std::iter::empty()).expect("valid configuration");
+        app.keygate.as_ref().expect("running").reload(&config).expect("reload");
+
+        assert!(get(&app, "/admin/api/v1/scopes", &s).await.json()["scopes"].to_string().contains("reports:read"));
+        let (account, _, _) = crate::admin_api::account_with_key(&app, &s, "billing", &["recordings:read"]).await;
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/service-accounts/{account}/keys"), &s,
+            Some(json!({"name": "reports", "scopes": ["reports:read"]}))).await;
+        assert_eq!(r.status, 201, "a key for the new route's scope: {}", r.text());
+        let (_, key) = pair(&app, &s, "edge-1").await;
+        let gateway = get(&app, "/admin/api/v1/gateways", &s).await.json();
+        assert!(gateway.to_string().contains("recordings:write"), "{gateway}");
+        until_status(&app, &key, 200).await;
+    }
+}

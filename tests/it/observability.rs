@@ -1008,12 +1008,18 @@ fn the_dockerfile_compiler_is_new_enough_for_every_locked_crate() {
     // The crates a Linux build needs, as on this host: without the filter cargo wants every
     // platform's crates (android_system_properties, ...), which a machine that only ever
     // built for Linux does not have offline.
-    let rustc = Command::new("rustc").arg("-vV").output().expect("run rustc -vV");
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("run rustc -vV");
     let host = String::from_utf8_lossy(&rustc.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
         .expect("rustc -vV names its host");
-    assert!(host.contains("-linux-"), "the image is Linux; so must this check's host be: {host}");
+    assert!(
+        host.contains("-linux-"),
+        "the image is Linux; so must this check's host be: {host}"
+    );
     let metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
         .args(["--filter-platform", &host])

@@ -64,7 +64,7 @@ async fn pair_gateway(
     let body: PairBody = parse(&body)?;
     let paired = state
         .manager
-        .pair_gateway(&body.name, &state.gateway_scopes, &user.actor())
+        .pair_gateway(&body.name, &state.scopes().gateways, &user.actor())
         .await?;
     Ok(with_key(paired))
 }
@@ -94,7 +94,7 @@ async fn repair_gateway(
     let gateway = gateway(&state, &id).await?;
     let paired = state
         .manager
-        .repair_gateway(&gateway, &state.gateway_scopes, &user.actor())
+        .repair_gateway(&gateway, &state.scopes().gateways, &user.actor())
         .await?;
     Ok(with_key(paired))
 }

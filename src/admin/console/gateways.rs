@@ -74,7 +74,7 @@ async fn pair_form(
     }
     let result = state
         .manager
-        .pair_gateway(form.one("name"), &state.gateway_scopes, &user.actor())
+        .pair_gateway(form.one("name"), &state.scopes().gateways, &user.actor())
         .await;
     match result {
         Ok(paired) => gateways_view(&state, &user, Some((&paired, false)), None).await,
@@ -110,7 +110,7 @@ async fn repair_form(
     };
     let result = state
         .manager
-        .repair_gateway(&target, &state.gateway_scopes, &user.actor())
+        .repair_gateway(&target, &state.scopes().gateways, &user.actor())
         .await;
     match result {
         Ok(paired) => gateways_view(&state, &user, Some((&paired, true)), None).await,
@@ -133,7 +133,8 @@ async fn gateways_view(
         chrome: Chrome::new(user, "gateways"),
         gateways: gateways.iter().map(view).collect(),
         scopes: state
-            .gateway_scopes
+            .scopes()
+            .gateways
             .iter()
             .map(|s| s.as_str().to_string())
             .collect(),
