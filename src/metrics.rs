@@ -58,7 +58,8 @@ pub enum AuthReason {
 pub enum UpstreamFailure {
     /// No TCP connection could be made.
     Connect,
-    /// The connection failed or broke before a response head arrived.
+    /// The connection failed or broke before a response head arrived, or the head is one
+    /// keygate will not relay (a 101, a status past 599, a transfer coding but `chunked`).
     Request,
     /// No response head within `proxy.upstream_timeout`.
     Timeout,
@@ -219,7 +220,7 @@ impl Metrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "keygate_upstream_errors_total",
-                "Forwards that failed before a response head, by route and kind (connect, request, timeout).",
+                "Forwards that failed before a response head, or whose head keygate would not relay, by route and kind (connect, request, timeout).",
             ),
             &["route", "kind"],
         )?;

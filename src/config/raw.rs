@@ -308,7 +308,7 @@ impl RawConfig {
                     MS,
                 )?,
                 max_connections: at_least("proxy.max_connections", p.max_connections, 1)?,
-                max_header_bytes: at_least("proxy.max_header_bytes", p.max_header_bytes, 1024)?,
+                max_header_bytes: max_header_bytes(p.max_header_bytes)?,
                 max_headers: at_least("proxy.max_headers", p.max_headers, 8)?,
                 h2_max_concurrent_streams: at_least(
                     "proxy.h2_max_concurrent_streams",
@@ -495,6 +495,22 @@ fn duration(path: &str, s: &str, min: Duration) -> Result<Duration, ConfigError>
         ));
     }
     Ok(d)
+}
+
+/// `proxy.max_header_bytes`: HTTP/1.1 heads are bounded by hyper's read buffer, which cannot
+/// be smaller than 8192 bytes, so a lower limit could not be enforced (and would be a lie).
+fn max_header_bytes(n: usize) -> Result<usize, ConfigError> {
+    const MIN: usize = 8192;
+    if n < MIN {
+        return Err(ConfigError::new(
+            "proxy.max_header_bytes",
+            format!(
+                "must be at least {MIN}: HTTP/1.1 heads are read into a buffer that cannot be \
+                 smaller, so a lower limit could not be enforced"
+            ),
+        ));
+    }
+    Ok(n)
 }
 
 fn at_least(path: &str, n: usize, min: usize) -> Result<usize, ConfigError> {

@@ -212,6 +212,16 @@ fn the_example_file_shows_the_hostile_traffic_limits_at_their_defaults() {
 }
 
 #[test]
+fn max_header_bytes_below_what_http1_can_enforce_is_refused_with_the_reason() {
+    let err = parse("[proxy]\nmax_header_bytes = 8191\n").expect_err("below 8192");
+    assert_eq!(err.path, "proxy.max_header_bytes");
+    assert!(err.message.contains("at least 8192"), "{err}");
+    assert!(err.message.contains("HTTP/1.1"), "{err}");
+    let ok = parse("[proxy]\nmax_header_bytes = 8192\n").expect("the minimum is valid");
+    assert_eq!(ok.proxy.limits.max_header_bytes, 8192);
+}
+
+#[test]
 fn listener_tls_needs_both_files_and_bad_limits_name_their_setting() {
     let err = parse("[proxy.tls]\ncert_file = \"c.pem\"\n").expect_err("key_file missing");
     assert!(err.to_string().contains("key_file"), "{err}");

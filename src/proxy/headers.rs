@@ -4,7 +4,10 @@
 
 use std::net::IpAddr;
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::Version;
 
 /// Which header carried the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +57,8 @@ pub struct Scan<'h> {
     pub transfer_encodings: u8,
     pub content_length: bool,
     pub upgrade: bool,
+    /// How many `Cookie` fields there are (an HTTP/2 client may send one per cookie).
+    cookies: u8,
     /// The first `X-Request-Id`.
     pub request_id: Option<&'h HeaderValue>,
     /// A hop-by-hop header is present.
@@ -92,6 +97,7 @@ impl<'h> Scan<'h> {
                 "x-request-id" => {
                     scan.request_id.get_or_insert(value);
                 }
+                "cookie" => scan.cookies = scan.cookies.saturating_add(1),
                 other if is_hop_by_hop(other) => scan.hop_by_hop = true,
                 other if is_reserved(other) => scan.reserved = true,
                 _ => {}
@@ -123,13 +129,15 @@ impl<'h> Scan<'h> {
         found.ok_or(CredentialError::Missing)
     }
 
-    /// What `Strip::apply` must remove, for a key that came from `key_source`.
-    pub fn strip(&self, key_source: Option<KeySource>) -> Strip {
+    /// What `Strip::apply` must remove (or join), for a key that came from `key_source` on a
+    /// request that arrived over `version`.
+    pub fn strip(&self, key_source: Option<KeySource>, version: Version) -> Strip {
         Strip {
             authorization: key_source == Some(KeySource::Authorization),
             api_key: self.api_keys > 0,
             hop_by_hop: self.hop_by_hop,
             reserved: self.reserved,
+            join_cookies: self.cookies > 1 && version == Version::HTTP_2,
         }
     }
 }
@@ -145,6 +153,29 @@ fn token(bytes: &[u8]) -> Result<&str, CredentialError> {
         Ok(text) if !text.is_empty() => Ok(text),
         _ => Err(CredentialError::Malformed),
     }
+}
+
+/// Is `value` a valid `Host`: a uri-host with an optional port (RFC 9110 §7.2, RFC 3986
+/// §3.2.2), without userinfo? A plain name or IPv4 address (letters, digits, `-`, `.`) and a
+/// numeric port are checked here without allocating; any other host (an IP literal, a name
+/// with sub-delims) is left to `http`'s `Authority` parser, which copies it.
+pub fn valid_host(value: &[u8]) -> bool {
+    // A port follows the last `:`, unless that colon is inside an IP literal `[..]`.
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(i) if !value[..i].contains(&b':') || value[..i].ends_with(b"]") => {
+            (&value[..i], Some(&value[i + 1..]))
+        }
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.iter().all(u8::is_ascii_digit)
+            && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
+    });
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.';
+    port_ok
+        && !host.is_empty()
+        && (host.iter().all(plain) || (!host.contains(&b'@') && Authority::try_from(host).is_ok()))
 }
 
 /// Finds the key in `headers` (see `Scan::key`).
@@ -175,19 +206,24 @@ fn is_reserved(name: &str) -> bool {
 
 /// What to remove from a request before it goes upstream, as a `Scan` found it: the key
 /// header, hop-by-hop and `Connection`-nominated headers, and client-sent identity and
-/// forwarding headers. Most requests need only the key header removed.
+/// forwarding headers; and an HTTP/2 client's `Cookie` fields to join. Most requests need
+/// only the key header removed.
 #[derive(Clone, Copy, Debug)]
 pub struct Strip {
     authorization: bool,
     api_key: bool,
     hop_by_hop: bool,
     reserved: bool,
+    join_cookies: bool,
 }
 
 impl Strip {
     pub fn apply(self, headers: &mut HeaderMap) {
         if self.hop_by_hop {
             strip_hop_by_hop(headers);
+        }
+        if self.join_cookies {
+            join_cookies(headers);
         }
         if self.authorization {
             headers.remove(header::AUTHORIZATION);
@@ -209,8 +245,24 @@ impl Strip {
 }
 
 /// Removes from a request everything the upstream must not see (see `Strip`).
-pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>) {
-    Scan::of(headers).strip(key_source).apply(headers);
+pub fn strip_request(headers: &mut HeaderMap, key_source: Option<KeySource>, version: Version) {
+    Scan::of(headers).strip(key_source, version).apply(headers);
+}
+
+/// An HTTP/2 client may send each cookie as a field of its own; the upstream speaks HTTP/1.1,
+/// where they must be one field joined with "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut joined = BytesMut::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid field values joined by "; " are a valid field value.
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Proxy-Connection` and `Keep-Alive`).
@@ -234,36 +286,76 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 /// Removes hop-by-hop headers and those nominated by `Connection` (requests and responses).
+/// Every `Connection` line counts (several lines are one list, RFC 9110 §5.3), and each is
+/// split as bytes: a token that is not a field name (a non-ASCII byte, say) is skipped, and
+/// never stops the rest of the list from being honoured.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // The nominated headers first, while the Connection lines are there to read. Each line is
+    // cloned (a reference count) so the map can change while its tokens are read, and each
+    // token is removed by its text: no name is allocated.
+    let mut line = 0;
+    while let Some(value) = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .nth(line)
+        .cloned()
+    {
+        line += 1;
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            // `Connection` itself goes with the other hop-by-hop headers below: removing it
+            // now would lose the lines still to be read.
+            if let Ok(name) = std::str::from_utf8(token) {
+                if !name.eq_ignore_ascii_case("connection") {
+                    // A token that is not a valid name finds nothing.
+                    headers.remove(name);
+                }
+            }
+        }
+    }
     // A request or response carries a handful of headers: one scan of them is cheaper than
     // ten lookups (and finding none allocates nothing).
-    let mut doomed: Vec<HeaderName> = headers
+    let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_hop_by_hop(n.as_str()))
         .cloned()
         .collect();
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        doomed.extend(
-            conn.to_str()
-                .unwrap_or("")
-                .split(',')
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
-        );
-    }
     for name in doomed {
         headers.remove(&name);
     }
 }
 
+/// An upstream response keygate will not relay: its `Transfer-Encoding` is not a lone
+/// `chunked`. hyper has decoded the chunking, and the `Transfer-Encoding` goes as hop-by-hop,
+/// so another coding (`gzip, chunked`) would reach the client as if it were the content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnsupportedTransferCoding;
+
 /// Readies an upstream's response for the client: hop-by-hop headers go, and so does any
-/// `X-Keygate-Key-Expires-At` of the upstream's own (only keygate sets it). One pass finds
-/// both; most responses carry neither.
-pub fn strip_response(headers: &mut HeaderMap) {
-    let (mut hop_by_hop, mut expires) = (false, false);
-    for name in headers.keys() {
-        let name = name.as_str();
-        hop_by_hop |= is_hop_by_hop(name);
-        expires |= name == X_KEYGATE_KEY_EXPIRES_AT.as_str();
+/// `X-Keygate-Key-Expires-At` of the upstream's own (only keygate sets it). A response framed
+/// by chunking loses its `Content-Length` too: the body is re-framed, and a length sent beside
+/// `Transfer-Encoding` is not the body's (RFC 9112 §6.3). One pass finds all of it; most
+/// responses carry none of it.
+pub fn strip_response(headers: &mut HeaderMap) -> Result<(), UnsupportedTransferCoding> {
+    let (mut hop_by_hop, mut expires, mut length) = (false, false, false);
+    let (mut codings, mut chunked) = (0u8, false);
+    for (name, value) in headers.iter() {
+        match name.as_str() {
+            "transfer-encoding" => {
+                codings = codings.saturating_add(1);
+                chunked = value.as_bytes().eq_ignore_ascii_case(b"chunked");
+                hop_by_hop = true;
+            }
+            "content-length" => length = true,
+            name if is_hop_by_hop(name) => hop_by_hop = true,
+            name => expires |= name == X_KEYGATE_KEY_EXPIRES_AT.as_str(),
+        }
+    }
+    if codings > 1 || (codings == 1 && !chunked) {
+        return Err(UnsupportedTransferCoding);
+    }
+    if codings == 1 && length {
+        headers.remove(header::CONTENT_LENGTH);
     }
     if hop_by_hop {
         strip_hop_by_hop(headers);
@@ -271,6 +363,7 @@ pub fn strip_response(headers: &mut HeaderMap) {
     if expires {
         headers.remove(&X_KEYGATE_KEY_EXPIRES_AT);
     }
+    Ok(())
 }
 
 /// What keygate adds to an allowed request. Values that do not change per request (the
@@ -407,10 +500,133 @@ mod tests {
             ("accept", b"*/*"),
             ("x-request-id", b"abc"),
         ]);
-        strip_request(&mut h, Some(KeySource::Authorization));
+        strip_request(&mut h, Some(KeySource::Authorization), Version::HTTP_11);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, vec!["accept", "x-request-id"]);
+    }
+
+    #[test]
+    fn every_connection_line_nominates_and_a_bad_token_spoils_only_itself() {
+        // RFC 9110 §5.3: the lines are one list, whichever line names a header.
+        let mut h = map(&[
+            ("connection", b"keep-alive"),
+            ("connection", b"X-Secret, close"),
+            ("connection", b"X-Other, \xe9, x-third"),
+            ("x-secret", b"leak"),
+            ("x-other", b"leak"),
+            ("x-third", b"leak"),
+            ("accept", b"*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+
+        let mut h = map(&[
+            ("connection", b"X-Secret, close, \xe9"),
+            ("x-secret", b"leak"),
+            ("accept", b"*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+
+    #[test]
+    fn an_http2_clients_cookie_fields_are_joined_for_the_http1_upstream() {
+        let fields = [
+            ("cookie", &b"a=1"[..]),
+            ("accept", b"*/*"),
+            ("cookie", b"b=2"),
+            ("cookie", b"c=3"),
+        ];
+        let mut h = map(&fields);
+        strip_request(&mut h, None, Version::HTTP_2);
+        assert_eq!(
+            h.get_all("cookie").iter().collect::<Vec<_>>(),
+            ["a=1; b=2; c=3"]
+        );
+        // An HTTP/1.1 client's fields are forwarded as they came.
+        let mut h = map(&fields);
+        strip_request(&mut h, None, Version::HTTP_11);
+        assert_eq!(h.get_all("cookie").iter().count(), 3);
+    }
+
+    #[test]
+    fn a_host_is_a_uri_host_with_an_optional_port_and_nothing_else() {
+        for ok in [
+            "kg",
+            "api.example.com",
+            "api.example.com:8443",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "my_host.internal",
+            "xn--bcher-kva.example",
+            "a.com,b.com",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a.com, b.com",
+            "evil.com/x?y@z",
+            "user@kg",
+            "user:pw@kg:80",
+            "kg:",
+            "kg:http",
+            "kg:65536",
+            "kg:123456",
+            "kg:80:80",
+            "::1",
+            "[::1",
+            "kg/x",
+            "kg?x",
+            "kg#x",
+            "k g",
+            "k%41g",
+            "caf\u{e9}.example",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+        // The quick check admits only what `http`'s parser admits too.
+        for quick in ["kg", "a-b.c", "1.2.3.4", "..", "-"] {
+            assert!(valid_host(quick.as_bytes()), "{quick}");
+            assert!(Authority::try_from(quick).is_ok(), "{quick}");
+        }
+    }
+
+    #[test]
+    fn a_response_framed_by_chunking_loses_its_content_length_and_other_codings_are_refused() {
+        let mut h = map(&[
+            ("content-length", b"2"),
+            ("transfer-encoding", b"chunked"),
+            ("content-type", b"text/plain"),
+        ]);
+        assert_eq!(strip_response(&mut h), Ok(()));
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["content-type"]
+        );
+        for codings in [
+            &[&b"gzip, chunked"[..]][..],
+            &[b"gzip"],
+            &[b"chunked, identity"],
+            &[b"gzip", b"chunked"],
+            &[b"chunked", b"chunked"],
+        ] {
+            let mut h = HeaderMap::new();
+            for c in codings {
+                h.append(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_bytes(c).expect("value"),
+                );
+            }
+            assert_eq!(
+                strip_response(&mut h),
+                Err(UnsupportedTransferCoding),
+                "{codings:?}"
+            );
+        }
     }
 
     #[test]
@@ -449,7 +665,7 @@ mod tests {
             ("x-api-key", b"k"),
             ("X_Api_Key", b"k"),
         ]);
-        strip_request(&mut h, Some(KeySource::XApiKey));
+        strip_request(&mut h, Some(KeySource::XApiKey), Version::HTTP_11);
         assert_eq!(
             h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             vec!["authorization"]
@@ -465,14 +681,14 @@ mod tests {
             ("x-keygate-key-expires-at", b"2099-01-01T00:00:00Z"),
             ("x-keygate-account", b"upstream-says"),
         ]);
-        strip_response(&mut h);
+        strip_response(&mut h).expect("relayable");
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, vec!["content-type", "x-keygate-account"]);
 
         let mut plain = map(&[("content-type", b"text/plain"), ("content-length", b"2")]);
         let before = plain.clone();
-        strip_response(&mut plain);
+        strip_response(&mut plain).expect("relayable");
         assert_eq!(plain, before);
     }
 

@@ -310,7 +310,9 @@ async fn worker(
         // idle keep-alive connection.
         .header_read_timeout(state.header_read_timeout)
         .max_headers(limits.max_headers)
-        // hyper answers 431 once the head outgrows its read buffer.
+        // hyper answers 431 once the head outgrows its read buffer. hyper panics below 8192
+        // bytes, the least `proxy.max_header_bytes` the configuration accepts; the `max` only
+        // guards limits built in code.
         .max_buf_size(limits.max_header_bytes.max(8192));
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())

@@ -19,7 +19,7 @@ use pin_project_lite::pin_project;
 use super::body::{DataOnly, IdleTimeout, ProxyBody};
 use super::error::{AuthFailure, Rejection};
 use super::headers::{
-    set_forwarding, strip_response, CredentialError, Forwarding, Scan, Strip,
+    set_forwarding, strip_response, valid_host, CredentialError, Forwarding, Scan, Strip,
     X_KEYGATE_KEY_EXPIRES_AT, X_REQUEST_ID,
 };
 use super::path::canonical_path;
@@ -465,7 +465,7 @@ pub(super) fn passthrough(
     let mut grant = Grant {
         route: at,
         entry: Found::Local(entry.clone()),
-        strip: scan.strip(source),
+        strip: scan.strip(source, req.version()),
         host: scan.host.cloned(),
         now_ms: state.clock.now_ms(),
     };
@@ -543,7 +543,7 @@ fn admit<'r>(
         grant: Grant {
             route,
             entry: found,
-            strip: scan.strip(Some(source)),
+            strip: scan.strip(Some(source), req.version()),
             host: scan.host.cloned(),
             now_ms,
         },
@@ -592,13 +592,24 @@ fn check_framing(req: &Request<Incoming>, scan: &Scan<'_>) -> Result<(), Rejecti
             return Err(Rejection::BadRequest("unsupported_transfer_encoding"));
         }
     }
-    // Several Host headers (RFC 9112 §3.2: 400), or a Host that disagrees with an
-    // absolute-form target: which one names the resource is ambiguous.
+    // Several Host headers, an invalid one, or none on HTTP/1.1 (RFC 9112 §3.2: 400; HTTP/1.0
+    // may omit it, HTTP/2 carries `:authority`). A Host that disagrees with an absolute-form
+    // target or with HTTP/2's `:authority` (RFC 9113 §8.3.1): which one names the resource
+    // is ambiguous.
     if scan.hosts > 1 {
         return Err(Rejection::BadRequest("ambiguous_host"));
     }
+    match scan.host {
+        Some(host) if !valid_host(host.as_bytes()) => {
+            return Err(Rejection::BadRequest("invalid_host"))
+        }
+        None if req.version() == Version::HTTP_11 => {
+            return Err(Rejection::BadRequest("missing_host"))
+        }
+        _ => {}
+    }
     if let (Some(host), Some(authority)) = (scan.host, req.uri().authority()) {
-        if req.version() < Version::HTTP_2 && host.as_bytes() != authority.as_str().as_bytes() {
+        if host.as_bytes() != authority.as_str().as_bytes() {
             return Err(Rejection::BadRequest("ambiguous_host"));
         }
     }
@@ -709,13 +720,30 @@ fn answer(
         SendError::ClientBody => Rejection::BadRequest("bad_request_body"),
     })?;
     state.metrics.observe_upstream(route.index, sent.elapsed());
-    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        // keygate asked for no upgrade and tunnels nothing: a 101 is an upstream fault.
-        tracing::warn!("upstream answered 101 to a request without Upgrade");
-        return Err(Rejection::BadGateway);
+    // keygate asked for no upgrade and tunnels nothing: a 101 is an upstream fault. hyper's
+    // client accepts any three digits, but a status past 599 means nothing to a client.
+    let status = response.status().as_u16();
+    if status == 101 || status > 599 {
+        return Err(unrelayable(
+            state,
+            route,
+            "upstream answered with a status keygate cannot relay",
+            status,
+        ));
     }
     let (mut parts, body) = response.into_parts();
-    strip_response(&mut parts.headers);
+    if strip_response(&mut parts.headers).is_err() {
+        return Err(unrelayable(
+            state,
+            route,
+            "upstream framed its response with a transfer coding other than chunked",
+            status,
+        ));
+    }
+    // An intermediary sends its own HTTP version, not the upstream's (RFC 9110 §6.2): hyper
+    // writes an HTTP/1.1 client's response with the version the response carries (an
+    // HTTP/1.0 client's always as HTTP/1.0; HTTP/2 ignores it).
+    parts.version = Version::HTTP_11;
     let now_ms = grant.now_ms;
     if let Some((method, path)) = audited {
         state.audit.push(ProxiedRequest {
@@ -743,6 +771,16 @@ fn answer(
         parts,
         ProxyBody::Upstream(IdleTimeout::new(body, state.idle_timeout)),
     ))
+}
+
+/// An upstream response keygate will not relay (see `answer`): counted and logged as an
+/// upstream failure after the head, like a head hyper could not parse, and a 502.
+fn unrelayable(state: &ProxyState, route: &Route, why: &'static str, status: u16) -> Rejection {
+    state
+        .metrics
+        .upstream_error(route.index, UpstreamFailure::Request);
+    tracing::warn!(route = %route.name, status, "{why}");
+    Rejection::BadGateway
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.

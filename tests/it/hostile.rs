@@ -3,12 +3,16 @@
 //! the recording upstream (nothing, exactly one well-formed request, or one whose body was
 //! cut off). `docs/security.md` is generated from this table and a test keeps the two in step
 //! (`KEYGATE_BLESS=1 cargo test --test it hostile` rewrites it).
+//!
+//! After the table, hostile upstreams: raw response bytes an upstream could send, and what
+//! the client gets instead (over HTTP/1.1 and HTTP/2).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -627,6 +631,30 @@ fn headers(t: &mut Vec<Case>) {
             why,
         ));
     }
+    t.push(case(
+        g,
+        "`Connection: keep-alive`, then `Connection: X-Secret, close` on a second line",
+        Wire::H1(get(
+            "/recordings/1",
+            "Connection: keep-alive\r\nConnection: X-Secret, close\r\nX-Secret: leak\r\n",
+        )),
+        st(&[200]),
+        one("/recordings/1"),
+        "several lines are one list (RFC 9110 §5.3): a header named on any of them is removed",
+    ));
+    t.push(case(
+        g,
+        "`Connection: X-Secret, close, \\xe9` (a non-ASCII token)",
+        Wire::H1({
+            let mut raw = get("/recordings/1", "");
+            raw.truncate(raw.len() - 2);
+            raw.extend_from_slice(b"Connection: X-Secret, close, \xe9\r\nX-Secret: leak\r\n\r\n");
+            raw
+        }),
+        st(&[200]),
+        one("/recordings/1"),
+        "the list is split as bytes: a token that is not a field name is skipped, the others still honoured",
+    ));
     t.push(case(g, "two Authorization headers", h1(format!("GET /recordings/1 HTTP/1.1\r\nHost: kg\r\nAuthorization: Bearer {KEY}\r\nAuthorization: Bearer {KEY}\r\n\r\n")), st(&[400]), Up::Nothing, "ambiguous credentials"));
     t.push(case(
         g,
@@ -754,9 +782,50 @@ fn headers(t: &mut Vec<Case>) {
         h1(format!(
             "GET /recordings/1 HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n\r\n"
         )),
+        st(&[400]),
+        Up::Nothing,
+        "RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400",
+    ));
+    t.push(case(
+        g,
+        "HTTP/1.0 request without Host",
+        h1(format!(
+            "GET /recordings/1 HTTP/1.0\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+        )),
         st(&[200]),
         one("/recordings/1"),
-        "keygate sets Host to the upstream's authority in any case",
+        "HTTP/1.0 may omit Host; keygate sets Host to the upstream's authority",
+    ));
+    for (host, why) in [
+        ("a.com, b.com", "a list is not a host"),
+        (
+            "evil.com/x?y@z",
+            "not a uri-host[:port]: it would reach the upstream as X-Forwarded-Host",
+        ),
+        ("user@kg", "userinfo is not part of Host"),
+        ("kg:http", "the port is not a number"),
+        ("", "an empty Host names no host"),
+    ] {
+        t.push(case(
+            g,
+            format!("`Host: {host}`"),
+            h1(format!(
+                "GET /recordings/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+            )),
+            st(&[400]),
+            Up::Nothing,
+            why,
+        ));
+    }
+    t.push(case(
+        g,
+        "`Host: [::1]:8080`",
+        h1(format!(
+            "GET /recordings/1 HTTP/1.1\r\nHost: [::1]:8080\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+        )),
+        st(&[200]),
+        one("/recordings/1"),
+        "an IP literal with a port is a valid Host",
     ));
     t.push(case(
         g,
@@ -992,6 +1061,37 @@ fn http2(t: &mut Vec<Case>) {
     ));
     t.push(case(
         g,
+        "`host` that disagrees with `:authority`",
+        Wire::H2Raw(with(("host", "evil.example")), None),
+        st(&[400]),
+        Up::Nothing,
+        "RFC 9113 §8.3.1: which one names the resource is ambiguous, as with HTTP/1.1's absolute form",
+    ));
+    t.push(case(
+        g,
+        "`host` equal to `:authority`",
+        Wire::H2Raw(with(("host", "kg")), None),
+        st(&[200]),
+        one("/recordings/1"),
+        "the two agree",
+    ));
+    t.push(case(
+        g,
+        "two `cookie` fields",
+        Wire::H2(
+            {
+                let mut h = with(("cookie", "a=1"));
+                h.push(("cookie".into(), "b=2".into()));
+                h
+            },
+            None,
+        ),
+        st(&[200]),
+        one("/recordings/1"),
+        "RFC 9113 §8.2.3: joined into one `cookie: a=1; b=2` for the HTTP/1.1 upstream",
+    ));
+    t.push(case(
+        g,
         "a keyed GET",
         Wire::H2(base("/recordings/1"), None),
         st(&[200]),
@@ -1222,7 +1322,9 @@ async fn run_h2(addr: SocketAddr, fields: &[(String, String)], data: Option<&[u8
 }
 
 /// Checks a forwarded request is well formed: ours and only ours identity headers, no key, no
-/// hop-by-hop header.
+/// hop-by-hop header, no `X-Secret` (rows send it nominated by `Connection`), at most one
+/// `Cookie` field (rows send several only over HTTP/2, and then they are one list; a row's
+/// cookies are `a=1` and `b=2`).
 fn assert_well_formed(r: &Recorded, target: &str, body_len: u64) -> Result<(), String> {
     let mut problems = Vec::new();
     if r.uri != target {
@@ -1283,6 +1385,13 @@ fn assert_well_formed(r: &Recorded, target: &str, body_len: u64) -> Result<(), S
     }
     if r.headers.get_all("content-length").iter().count() > 1 {
         problems.push("several content-length".into());
+    }
+    if r.headers.contains_key("x-secret") {
+        problems.push("x-secret, nominated by Connection, reached the upstream".into());
+    }
+    let cookies: Vec<_> = r.headers.get_all("cookie").iter().collect();
+    if !(cookies.is_empty() || cookies == ["a=1; b=2"]) {
+        problems.push(format!("cookie fields {cookies:?} != [\"a=1; b=2\"]"));
     }
     if problems.is_empty() {
         Ok(())
@@ -1445,6 +1554,150 @@ async fn every_hostile_request_gets_the_tabled_answer_and_reaches_the_upstream_a
         table.len(),
         failures.join("\n")
     );
+}
+
+// Hostile upstreams: an upstream that answers with bytes a client must not be handed as they
+// are. Each answers every request with fixed bytes and closes the connection.
+
+/// An upstream that reads a request head and answers it with `response`, byte for byte.
+async fn raw_upstream(response: &'static [u8]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(response).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// keygate with a route `/raw` to an upstream answering `response`, and a key for it.
+async fn behind_raw_upstream(response: &'static [u8]) -> (TestApp, String) {
+    let upstream = raw_upstream(response).await;
+    let app = spawn_app_with(
+        Engine::Sqlite,
+        AppOptions {
+            extra_toml: format!(
+                "[[routes]]\nname = \"raw\"\npath_prefix = \"/raw\"\nupstream = \"http://{upstream}\"\nscope = \"recordings:read\"\n"
+            ),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let account = app.create_account("raw").await;
+    let key = app.create_key(&account, "k", &["recordings:read"]).await;
+    (app, key.key.expose().to_string())
+}
+
+/// The same GET over HTTP/1.1 and over HTTP/2.
+async fn get_both_ways(app: &TestApp, key: &str) -> [TestResponse; 2] {
+    let req = || {
+        Request::get(app.url("/raw/1"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(empty())
+            .expect("request")
+    };
+    [
+        send_with(&client(), req()).await,
+        send_with(&h2_client(), req()).await,
+    ]
+}
+
+/// The client's whole HTTP/1.1 exchange, as text.
+async fn raw_exchange(app: &TestApp, key: &str) -> String {
+    let mut stream = TcpStream::connect(app.proxy_addr).await.expect("connect");
+    let head = format!(
+        "GET /raw/1 HTTP/1.1\r\nHost: kg\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let got = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("keygate closes the connection after the response");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// `keygate_upstream_errors_total{kind="request"}` for the `raw` route.
+async fn unrelayable_count(app: &TestApp) -> Option<String> {
+    let text = app.admin_get("/metrics").await.text();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"keygate_upstream_errors_total{kind="request",route="raw"} "#)
+        })
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_headers_named_on_any_connection_line_never_reach_the_client() {
+    let (app, key) = behind_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: X-Hidden-A\r\nX-Hidden-A: 1\r\n\
+          Connection: X-Hidden-B, \xe9\r\nX-Hidden-B: 1\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    for (r, over) in get_both_ways(&app, &key).await.iter().zip(["h1", "h2"]) {
+        assert_eq!(r.status, 200, "{over}");
+        assert_eq!(r.body, "ok", "{over}");
+        for hidden in ["x-hidden-a", "x-hidden-b", "connection"] {
+            assert!(!r.headers.contains_key(hidden), "{over}: {hidden} passed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_response_with_content_length_and_chunking_reaches_the_client_whole() {
+    let (app, key) = behind_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    for (r, over) in get_both_ways(&app, &key).await.iter().zip(["h1", "h2"]) {
+        assert_eq!(r.status, 200, "{over}");
+        assert_eq!(r.body, "hello world", "{over}");
+        assert!(!r.headers.contains_key("content-length"), "{over}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_response_with_a_transfer_coding_other_than_chunked_gets_the_client_a_502() {
+    let (app, key) = behind_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+          5\r\n\x1f\x8b\x08\x00\x00\r\n0\r\n\r\n",
+    )
+    .await;
+    for (r, over) in get_both_ways(&app, &key).await.iter().zip(["h1", "h2"]) {
+        assert_eq!(r.status, 502, "{over}: {:?}", r.body);
+    }
+    assert_eq!(unrelayable_count(&app).await.as_deref(), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answering_http_1_0_is_relayed_as_http_1_1() {
+    let (app, key) = behind_raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let exchange = raw_exchange(&app, &key).await;
+    assert!(exchange.starts_with("HTTP/1.1 200 OK\r\n"), "{exchange}");
+    assert!(exchange.ends_with("\r\n\r\nok"), "{exchange}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_status_past_599_gets_the_client_a_502() {
+    let (app, key) =
+        behind_raw_upstream(b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok").await;
+    for (r, over) in get_both_ways(&app, &key).await.iter().zip(["h1", "h2"]) {
+        assert_eq!(r.status, 502, "{over}");
+    }
+    assert_eq!(unrelayable_count(&app).await.as_deref(), Some("2"));
 }
 
 /// The table as Markdown, for docs/security.md.

@@ -307,7 +307,7 @@ both_engines! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_header_list_over_max_header_bytes_is_refused() {
-    let app = spawn_app_with(Engine::Sqlite, with_proxy("max_header_bytes = 4096")).await;
+    let app = spawn_app_with(Engine::Sqlite, with_proxy("max_header_bytes = 8192")).await;
     let tcp = TcpStream::connect(app.proxy_addr).await.expect("connect");
     let (client, conn) = h2::client::handshake(tcp).await.expect("h2");
     tokio::spawn(conn);
