@@ -11,7 +11,7 @@ use std::sync::Arc;
 use askama::Template;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -369,12 +369,17 @@ async fn setup_form(
             }
             signed_in(&state, user.id, addr).await
         }
-        Err(crate::manage::ManageError::Invalid(m)) => render(&LoginPage {
-            setup: true,
-            token: token.to_string(),
-            email: email.to_string(),
-            error: Some(m),
-        }),
+        Err(crate::manage::ManageError::Invalid(m)) => {
+            // The form again, with what was wrong, as the 400 it is.
+            let mut page = render(&LoginPage {
+                setup: true,
+                token: token.to_string(),
+                email: email.to_string(),
+                error: Some(m),
+            });
+            *page.status_mut() = StatusCode::BAD_REQUEST;
+            page
+        }
         Err(e) => AdminError::from(e).into_html(),
     }
 }

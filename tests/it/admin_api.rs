@@ -151,6 +151,10 @@ both_engines! {
         let post = |body: String| Request::post(format!("http://{}/admin/setup", app.admin_addr))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(full(body)).expect("request");
+        let short = app.send(post(format!("token={token}&email=first%40example.com&password=short"))).await;
+        assert_eq!(short.status, StatusCode::BAD_REQUEST, "a refused form is not a 200");
+        assert!(short.text().contains("Create the owner account"), "the form again, to correct");
+        assert!(app.manager.store.users().await.expect("users").is_empty());
         let r = app.send(post(form("first%40example.com"))).await;
         assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text());
         assert!(r.headers["set-cookie"].to_str().expect("ascii").contains("HttpOnly"));
