@@ -163,16 +163,53 @@ impl AuditQueue {
     }
 }
 
+/// A path with every key in it cut to its prefix: a client that puts a key in a URL (a
+/// webhook registered with its key in the path, say) must not have it stored in the audit
+/// log. Keys are found by their shape, `kg[sg]` + 5 + `_` + 38 characters of base62, the
+/// pattern secret scanners use; the path check has already refused encoded characters.
+fn redact_keys(path: &str) -> std::borrow::Cow<'_, str> {
+    const KEY_LEN: usize = 47;
+    let b = path.as_bytes();
+    let alnum = |s: &[u8]| s.iter().all(u8::is_ascii_alphanumeric);
+    let key_at = |i: usize| {
+        b.len() >= i + KEY_LEN
+            && b[i..].starts_with(b"kg")
+            && matches!(b[i + 2], b's' | b'g')
+            && alnum(&b[i + 3..i + 8])
+            && b[i + 8] == b'_'
+            && alnum(&b[i + 9..i + KEY_LEN])
+    };
+    if !(0..b.len()).any(key_at) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if key_at(i) {
+            out.push_str(&path[i..i + 9]);
+            out.push_str("[redacted]");
+            i += KEY_LEN;
+        } else {
+            // Keys are ASCII, so a match starts on a character boundary; copy up to the next.
+            let next = (i + 1..=b.len()).find(|&j| path.is_char_boundary(j)).unwrap_or(b.len());
+            out.push_str(&path[i..next]);
+            i = next;
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn entry(r: &ProxiedRequest) -> AuditEntry {
     let name = r.entry.owner.name();
+    let path = redact_keys(&r.path);
     let (actor_type, detail) = match r.entry.owner.kind {
         KeyKind::ServiceAccount => (
             "service_account",
-            json!({ "account": name, "method": r.method.as_str(), "path": r.path, "status": r.status }),
+            json!({ "account": name, "method": r.method.as_str(), "path": path, "status": r.status }),
         ),
         KeyKind::Gateway => (
             "gateway",
-            json!({ "gateway": name, "gateway_id": r.entry.owner.id, "method": r.method.as_str(), "path": r.path, "status": r.status }),
+            json!({ "gateway": name, "gateway_id": r.entry.owner.id, "method": r.method.as_str(), "path": path, "status": r.status }),
         ),
     };
     AuditEntry {
@@ -287,5 +324,18 @@ mod tests {
         assert_eq!(detail["gateway"], "billing");
         assert_eq!(detail["gateway_id"], 1);
         assert!(detail.get("account").is_none());
+    }
+
+    #[test]
+    fn a_key_in_a_path_is_audited_as_its_prefix_only() {
+        let key = crate::keys::generate(KeyKind::ServiceAccount);
+        let path = format!("/hooks/{}/événement?x", key.expose());
+        let redacted = redact_keys(&path);
+        assert_eq!(redacted, format!("/hooks/{}_[redacted]/événement?x", key.prefix()));
+        assert!(!redacted.contains(&key.expose()[9..]));
+        let twice = format!("/{0}{0}", key.expose());
+        assert!(!redact_keys(&twice).contains(&key.expose()[9..]));
+        assert!(matches!(redact_keys("/recordings/42"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(redact_keys("/kgsA1b2C_short"), "/kgsA1b2C_short");
     }
 }
