@@ -191,7 +191,9 @@ fn redact_keys(path: &str) -> std::borrow::Cow<'_, str> {
             i += KEY_LEN;
         } else {
             // Keys are ASCII, so a match starts on a character boundary; copy up to the next.
-            let next = (i + 1..=b.len()).find(|&j| path.is_char_boundary(j)).unwrap_or(b.len());
+            let next = (i + 1..=b.len())
+                .find(|&j| path.is_char_boundary(j))
+                .unwrap_or(b.len());
             out.push_str(&path[i..next]);
             i = next;
         }
@@ -331,11 +333,17 @@ mod tests {
         let key = crate::keys::generate(KeyKind::ServiceAccount);
         let path = format!("/hooks/{}/événement?x", key.expose());
         let redacted = redact_keys(&path);
-        assert_eq!(redacted, format!("/hooks/{}_[redacted]/événement?x", key.prefix()));
+        assert_eq!(
+            redacted,
+            format!("/hooks/{}_[redacted]/événement?x", key.prefix())
+        );
         assert!(!redacted.contains(&key.expose()[9..]));
         let twice = format!("/{0}{0}", key.expose());
         assert!(!redact_keys(&twice).contains(&key.expose()[9..]));
-        assert!(matches!(redact_keys("/recordings/42"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            redact_keys("/recordings/42"),
+            std::borrow::Cow::Borrowed(_)
+        ));
         assert_eq!(redact_keys("/kgsA1b2C_short"), "/kgsA1b2C_short");
     }
 }

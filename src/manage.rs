@@ -66,6 +66,9 @@ impl From<StoreError> for ManageError {
     }
 }
 
+/// The shortest auto-retire idle time: twice the longest `last_used.flush_interval`.
+const MIN_RETIRE_AFTER_IDLE_MS: i64 = 120_000;
+
 /// What a replacement sets on the key it replaces.
 #[derive(Debug)]
 struct Link {
@@ -481,9 +484,14 @@ impl Manager {
                 "the rotation window must be longer than zero".into(),
             ));
         }
-        if retire_after_idle_ms.is_some_and(|ms| ms <= 0) {
+        // Idleness is read from last-used stamps, which every sidecar writes up to
+        // `last_used.flush_interval` (at most 60 s) late: a shorter idle time could retire a
+        // key that is still carrying traffic.
+        if retire_after_idle_ms.is_some_and(|ms| ms < MIN_RETIRE_AFTER_IDLE_MS) {
             return Err(ManageError::Invalid(
-                "the auto-retire idle time must be longer than zero".into(),
+                "the auto-retire idle time must be at least 2m: last-used stamps reach the \
+                 database up to a minute late"
+                    .into(),
             ));
         }
         let account = self

@@ -526,6 +526,11 @@ both_engines! {
             assert_eq!(r.status, 400, "{window}: {}", r.text());
             assert!(r.text().contains("longer than 100 years"), "{}", r.text());
         }
+        // Auto-retire reads last-used stamps that arrive up to a minute late.
+        let r = change(&app, Method::POST, &format!("/admin/api/v1/keys/{key_id}/replace"), &s,
+            Some(json!({"name": "next", "retire_after_idle": "1s"}))).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("at least 2m"), "{}", r.text());
         assert_eq!(snapshot(&app).await, before, "nothing changed");
 
         // Query parameters that can match nothing are said to be wrong, never a 503.
