@@ -123,6 +123,17 @@ impl Store {
                     ));
                 }
             }
+            // Emails are one address whatever their case: the login finds them without case.
+            let taken: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE lower(email) = lower($1)")
+                    .bind(email)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if taken > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "a user with email `{email}` already exists (emails are compared without case)"
+                )));
+            }
             let user = sqlx::query_as::<_, User>(
                 "INSERT INTO users (email, password_hash, role, created_at) VALUES ($1, $2, $3, $4)
                  RETURNING id, email, role, created_at, disabled_at",
@@ -174,7 +185,8 @@ impl Store {
                 sqlx::query(lock).execute(&mut *tx).await?;
             }
             let before = sqlx::query_as::<_, User>(
-                "SELECT id, email, role, created_at, disabled_at FROM users WHERE email = $1",
+                "SELECT id, email, role, created_at, disabled_at FROM users
+                  WHERE lower(email) = lower($1) ORDER BY id LIMIT 1",
             )
             .bind(email)
             .fetch_optional(&mut *tx)
@@ -262,11 +274,12 @@ impl Store {
         }
         let row = on_pool!(self, |pool| {
             sqlx::query_as::<_, Row>(
-            "SELECT id, email, role, created_at, disabled_at, password_hash FROM users WHERE email = $1"
-        )
-        .bind(email)
-        .fetch_optional(pool)
-        .await
+                "SELECT id, email, role, created_at, disabled_at, password_hash FROM users
+              WHERE lower(email) = lower($1) ORDER BY id LIMIT 1",
+            )
+            .bind(email)
+            .fetch_optional(pool)
+            .await
         })?;
         Ok(row.map(|r| {
             (

@@ -327,6 +327,21 @@ both_engines! {
 }
 
 both_engines! {
+    async fn an_email_is_one_user_whatever_its_case(engine: Engine) {
+        let app = spawn_app(engine).await;
+        add_user(&app, "ada@example.com", Role::Admin).await;
+        let again = app.manager.add_user("ADA@example.com", Role::Owner, &Password::new(PASSWORD), &Actor::cli()).await
+            .expect_err("the same address");
+        assert!(again.to_string().contains("already exists"), "{again}");
+        assert_eq!(app.manager.store.users().await.expect("users").len(), 1);
+        // The login and the user commands find it however it is typed.
+        login(&app, "Ada@Example.COM").await;
+        let disabled = app.manager.disable_user("ADA@EXAMPLE.COM", &Actor::cli()).await.expect("found");
+        assert_eq!(disabled.email, "ada@example.com");
+    }
+}
+
+both_engines! {
     async fn only_owners_and_admins_may_change_accounts_and_keys(engine: Engine) {
         let app = spawn_app(engine).await;
         let owner = session_as(&app, Role::Owner).await;
