@@ -116,6 +116,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve => {
             crate::telemetry::init(config.log.format, &config.log.filter);
+            for name in &config.ignored_env {
+                tracing::debug!(variable = %name, "ignored: a Kubernetes service-link variable, not a setting");
+            }
             serve::run(config, cli.config.clone()).await
         }
         Command::Migrate => {

@@ -2,6 +2,7 @@
 //! that reject unknown keys, then converted once into validated types. Every error names the
 //! exact setting that is wrong (`routes[1].upstream: ...`).
 
+mod env;
 mod raw;
 
 use std::fmt;
@@ -26,6 +27,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub gateways: GatewaysConfig,
     pub routes: Vec<RouteConfig>,
+    /// `KEYGATE_*` variables skipped because they have the shape of Kubernetes service links
+    /// (`KEYGATE_PORT=tcp://...` for a Service named `keygate`); `serve` logs them at debug.
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -329,10 +333,12 @@ impl Config {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             ConfigError::new(origin, e.message().to_string() + &location(text, e.span()))
         })?;
-        raw::apply_env(&mut table, env)?;
+        let ignored_env = env::apply_env(&mut table, env)?;
         let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().message().to_string()))?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.ignored_env = ignored_env;
+        Ok(config)
     }
 
     /// The scopes the configured routes require, sorted and unique: what a key can usefully hold.

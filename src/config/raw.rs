@@ -25,20 +25,6 @@ pub(super) struct RawConfig {
     routes: Vec<RawRoute>,
 }
 
-/// The sections an environment variable may address, longest first so `last_used` wins over
-/// a hypothetical `last`.
-const SECTIONS: &[&str] = &[
-    "verification",
-    "last_used",
-    "gateways",
-    "database",
-    "hashing",
-    "metrics",
-    "proxy",
-    "admin",
-    "log",
-];
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawProxy {
@@ -242,48 +228,6 @@ struct RawRoute {
     client_key_file: Option<String>,
 }
 
-/// Applies `KEYGATE_<SECTION>_<SETTING>=value` variables on top of the file. Values are read as
-/// TOML when they parse (`5`, `true`) and as strings otherwise (`10s`, `127.0.0.1:8080`).
-pub(super) fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (name, value) in env {
-        let Some(rest) = name.strip_prefix("KEYGATE_") else {
-            continue;
-        };
-        // KEYGATE_CONFIG names the file; KEYGATE_TEST_* belong to the test suite.
-        if rest == "CONFIG" || rest.starts_with("TEST_") {
-            continue;
-        }
-        let rest = rest.to_ascii_lowercase();
-        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
-            rest.strip_prefix(s)
-                .and_then(|k| k.strip_prefix('_'))
-                .map(|k| (*s, k))
-        }) else {
-            return Err(ConfigError::new(
-                name,
-                "does not name a setting (KEYGATE_<SECTION>_<SETTING>)",
-            ));
-        };
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.clone()));
-        let section_table = table
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        match section_table {
-            toml::Value::Table(t) => {
-                t.insert(key.to_string(), parsed);
-            }
-            _ => return Err(ConfigError::new(section, "must be a table")),
-        }
-    }
-    Ok(())
-}
-
 impl RawConfig {
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
         let p = &self.proxy;
@@ -475,6 +419,7 @@ impl RawConfig {
             },
             gateways,
             routes,
+            ignored_env: Vec::new(),
         })
     }
 }

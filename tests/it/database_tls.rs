@@ -23,13 +23,18 @@ async fn encrypted(store: &Store) -> bool {
 async fn sslmode_require_connects_over_tls() {
     let db = TestDb::new(Engine::Postgres).await;
     let url = DatabaseUrl::new(format!("{}?sslmode=require", db.url)).expect("url");
-    let store = Store::connect(&url, 1).await.expect("connects with sslmode=require");
+    let store = Store::connect(&url, 1)
+        .await
+        .expect("connects with sslmode=require");
     assert!(encrypted(&store).await, "sslmode=require must encrypt");
     store.migrate().await.expect("migrations run over TLS");
     store.close().await;
 
     let lazy = Store::connect_lazy(&url, 1).expect("lazy pool");
-    assert!(encrypted(&lazy).await, "the serve path's lazy pool must encrypt too");
+    assert!(
+        encrypted(&lazy).await,
+        "the serve path's lazy pool must encrypt too"
+    );
     lazy.close().await;
 }
 
