@@ -186,6 +186,22 @@ pub fn client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
     Ok(cfg)
 }
 
+/// Reads a PEM certificate chain as the listener or an upstream connection would
+/// (configuration validation: each file is named by its setting there).
+pub fn check_certs(path: &Path) -> Result<(), TlsError> {
+    read_certs(path).map(drop)
+}
+
+/// Reads a PEM private key as the listener or an upstream connection would.
+pub fn check_key(path: &Path) -> Result<(), TlsError> {
+    read_key(path).map(drop)
+}
+
+/// Checks that `key` is the private key of the leaf certificate in `cert`.
+pub fn check_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
+    certified_key(cert, key, &provider()).map(drop)
+}
+
 fn certified_key(
     cert: &Path,
     key: &Path,

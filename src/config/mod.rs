@@ -321,7 +321,36 @@ impl Config {
         let origin = path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "config".into());
-        Config::from_toml(&text, &origin, env)
+        let config = Config::from_toml(&text, &origin, env)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Opens every TLS file the configuration names and parses it as `serve` will, so a
+    /// missing or malformed file fails `config check` and the start with its setting's path
+    /// (`routes[0].ca_file: /etc/ca.pem: cannot read: ...`). `load` calls it; `from_toml`
+    /// leaves the file system alone.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        use crate::tls::{check_certs, check_key, check_pair};
+        let named =
+            |path: String| move |e: crate::tls::TlsError| ConfigError::new(path, e.to_string());
+        if let Some(t) = &self.proxy.tls {
+            check_certs(&t.cert_file).map_err(named("proxy.tls.cert_file".into()))?;
+            check_key(&t.key_file).map_err(named("proxy.tls.key_file".into()))?;
+            check_pair(&t.cert_file, &t.key_file).map_err(named("proxy.tls.key_file".into()))?;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = |field: &str| format!("routes[{i}].{field}");
+            if let Some(ca) = &r.tls.ca_file {
+                check_certs(ca).map_err(named(at("ca_file")))?;
+            }
+            if let Some((cert, key)) = &r.tls.client_cert {
+                check_certs(cert).map_err(named(at("client_cert_file")))?;
+                check_key(key).map_err(named(at("client_key_file")))?;
+                check_pair(cert, key).map_err(named(at("client_key_file")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Parses TOML text (`origin` names it in errors) with environment overrides applied.

@@ -375,3 +375,91 @@ async fn the_binary_streams_large_bodies_in_bounded_memory() {
     let (success, _) = served.stop_status();
     assert!(success);
 }
+
+/// Writes a self-signed certificate and its key as `<name>.pem` and `<name>-key.pem`.
+fn self_signed(dir: &Path, name: &str) -> (String, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, cert.cert.pem()).expect("write cert");
+    std::fs::write(&k, cert.signing_key.serialize_pem()).expect("write key");
+    (c.display().to_string(), k.display().to_string())
+}
+
+#[test]
+fn config_check_opens_every_tls_file_and_names_the_setting_of_a_bad_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = self_signed(dir.path(), "a");
+    let (_, other_key) = self_signed(dir.path(), "b");
+    let not_pem = dir.path().join("notes.txt").display().to_string();
+    std::fs::write(&not_pem, "not a certificate\n").expect("write");
+    let missing = "/nonexistent.pem";
+    let route = |extra: &str| {
+        format!(
+            "[[routes]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"https://localhost:1\"\nscope = \"r:read\"\n{extra}\n"
+        )
+    };
+    let listener =
+        |c: &str, k: &str| format!("[proxy.tls]\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n");
+    let mtls = |c: &str, k: &str| format!("client_cert_file = \"{c}\"\nclient_key_file = \"{k}\"");
+
+    let cases = [
+        (
+            route(&format!("ca_file = \"{missing}\"")),
+            format!("routes[0].ca_file: {missing}: cannot read: "),
+        ),
+        (
+            route(&format!("ca_file = \"{not_pem}\"")),
+            format!("routes[0].ca_file: {not_pem}: no PEM certificate"),
+        ),
+        (
+            route(&mtls(missing, &key)),
+            format!("routes[0].client_cert_file: {missing}: cannot read: "),
+        ),
+        (
+            route(&mtls(&cert, &not_pem)),
+            format!("routes[0].client_key_file: {not_pem}: no usable PEM private key"),
+        ),
+        (
+            route(&mtls(&cert, &other_key)),
+            "routes[0].client_key_file: ".to_string() + &other_key + ": the key does not fit",
+        ),
+        (
+            listener(missing, &key),
+            format!("proxy.tls.cert_file: {missing}: cannot read: "),
+        ),
+        (
+            listener(&not_pem, &key),
+            format!("proxy.tls.cert_file: {not_pem}: no PEM certificate"),
+        ),
+        (
+            listener(&cert, missing),
+            format!("proxy.tls.key_file: {missing}: cannot read: "),
+        ),
+        (
+            listener(&cert, &other_key),
+            format!("proxy.tls.key_file: {other_key}: the key does not fit"),
+        ),
+    ];
+    for (text, expected) in cases {
+        let cfg = write_config(&text);
+        fails_with(keygate(&cfg.path, &["config", "check"]), &expected);
+    }
+
+    // `serve` refuses the same way, naming the setting before it binds anything.
+    let cfg = write_config(&listener(missing, &key));
+    fails_with(
+        keygate(&cfg.path, &["serve"]),
+        "proxy.tls.cert_file: /nonexistent.pem: cannot read",
+    );
+
+    let good = format!(
+        "{}{}",
+        listener(&cert, &key),
+        route(&format!("ca_file = \"{cert}\"\n{}", mtls(&cert, &key)))
+    );
+    let out = ok(keygate(&write_config(&good).path, &["config", "check"]));
+    assert!(out.contains("configuration is valid"), "{out}");
+}
