@@ -116,6 +116,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve => {
             crate::telemetry::init(config.log.format, &config.log.filter);
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             for name in &config.ignored_env {
                 tracing::debug!(variable = %name, "ignored: a Kubernetes service-link variable, not a setting");
             }
@@ -132,6 +135,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("configuration is valid");
             println!("  proxy.listen     {}", config.proxy.listen);
             println!("  admin.listen     {}", config.admin.listen);

@@ -30,6 +30,9 @@ pub struct Config {
     /// `KEYGATE_*` variables skipped because they have the shape of Kubernetes service links
     /// (`KEYGATE_PORT=tcp://...` for a Service named `keygate`); `serve` logs them at debug.
     pub ignored_env: Vec<String>,
+    /// Settings that are valid but unwise, each a line naming the setting; `serve` logs them
+    /// as warnings and `config check` prints them.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug)]

@@ -57,7 +57,11 @@ fn invalid_values_name_the_exact_setting() {
         ("[database]\nurl = \"mysql://x\"", "database.url"),
         ("[proxy]\nlisten = \"localhost\"", "proxy.listen"),
         ("[last_used]\nflush_interval = \"2m\"", "last_used.flush_interval"),
-        ("[hashing]\nmemory_kib = 1", "hashing"),
+        ("[hashing]\nmemory_kib = 1", "hashing.memory_kib"),
+        ("[hashing]\nmemory_kib = 15\nparallelism = 2", "hashing.memory_kib"),
+        ("[hashing]\niterations = 0", "hashing.iterations"),
+        ("[hashing]\nparallelism = 0", "hashing.parallelism"),
+        ("[hashing]\nparallelism = 16777216", "hashing.parallelism"),
         ("[log]\nformat = \"xml\"", "log.format"),
         ("[[routes]]\nname=\"a\"\npath_prefix=\"/x/../y\"\nupstream=\"http://h:1\"\nscope=\"s\"", "routes[0].path_prefix"),
         ("[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nupstream=\"http://h:1/base\"\nscope=\"s\"", "routes[0].upstream"),
@@ -357,4 +361,32 @@ fn every_setting_can_come_from_the_environment_nested_ones_included() {
         !settings.iter().any(|s| s[0] == "routes"),
         "routes are file-only"
     );
+}
+
+#[test]
+fn hashing_below_the_owasp_minimum_is_a_warning_not_an_error() {
+    assert!(
+        Config::default().warnings.is_empty(),
+        "the defaults are OWASP's minimum"
+    );
+    for ok in [
+        "memory_kib = 47104\niterations = 1",
+        "memory_kib = 7168\niterations = 5",
+    ] {
+        let c = parse(&format!("[hashing]\n{ok}\n")).expect("valid");
+        assert!(c.warnings.is_empty(), "{ok}: {:?}", c.warnings);
+    }
+    for weak in [
+        "memory_kib = 1024\niterations = 1",
+        "memory_kib = 19455",
+        "iterations = 1",
+    ] {
+        let c = parse(&format!("[hashing]\n{weak}\n")).expect("cheap hashing is allowed");
+        assert_eq!(c.warnings.len(), 1, "{weak}");
+        assert!(
+            c.warnings[0].starts_with("hashing.memory_kib = ") && c.warnings[0].contains("OWASP"),
+            "{}",
+            c.warnings[0]
+        );
+    }
 }

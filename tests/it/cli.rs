@@ -463,3 +463,44 @@ fn config_check_opens_every_tls_file_and_names_the_setting_of_a_bad_one() {
     let out = ok(keygate(&write_config(&good).path, &["config", "check"]));
     assert!(out.contains("configuration is valid"), "{out}");
 }
+
+#[test]
+fn config_check_names_bad_hashing_settings_and_warns_of_weak_ones() {
+    for (setting, path) in [
+        ("memory_kib = 1", "hashing.memory_kib: "),
+        ("iterations = 0", "hashing.iterations: "),
+        ("parallelism = 0", "hashing.parallelism: "),
+    ] {
+        let cfg = write_config(&format!("[hashing]\n{setting}\n"));
+        fails_with(keygate(&cfg.path, &["config", "check"]), path);
+    }
+
+    let cfg = write_config("[hashing]\nmemory_kib = 1024\niterations = 1\n");
+    let out = keygate(&cfg.path, &["config", "check"]);
+    assert!(out.status.success(), "weak hashing is not refused");
+    let warning = stderr(&out);
+    assert!(
+        warning.starts_with("warning: hashing.memory_kib = 1024 with hashing.iterations = 1 is below OWASP's minimum")
+            && warning.lines().count() == 1,
+        "{warning}"
+    );
+    let quiet = keygate(Path::new("config.example.toml"), &["config", "check"]);
+    assert_eq!(stderr(&quiet), "", "the defaults meet OWASP's minimum");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_warns_at_start_when_hashing_is_below_the_owasp_minimum() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let upstream = Upstream::start().await;
+    // The suite's usual configuration hashes with 1024 KiB and one iteration.
+    let served = Binary::start(&db.url, upstream.addr, "", &[], None).await;
+    let logs = served.stop();
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("below OWASP's minimum"))
+        .unwrap_or_else(|| panic!("no hashing warning in:\n{logs}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("hashing.memory_kib = 1024"),
+        "{warning}"
+    );
+}
