@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use keygate::cli::CliError;
 
 fn main() -> ExitCode {
     let cli = keygate::cli::Cli::parse();
@@ -16,12 +17,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: anyhow::Result<()> = runtime
-        .block_on(keygate::cli::run(cli))
-        .map_err(anyhow::Error::from);
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(keygate::cli::run(cli)) {
+        Ok(()) | Err(CliError::OutputClosed) => ExitCode::SUCCESS,
         Err(e) => {
+            let e = anyhow::Error::from(e);
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

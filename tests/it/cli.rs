@@ -504,3 +504,35 @@ async fn serve_warns_at_start_when_hashing_is_below_the_owasp_minimum() {
         "{warning}"
     );
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_a_command_quietly() {
+    use std::io::BufRead;
+    // Far more output than a pipe holds, so keygate is still writing when the reader leaves.
+    let routes: String = (0..2000)
+        .map(|i| format!("[[routes]]\nname = \"route-{i}\"\npath_prefix = \"/r{i}\"\nupstream = \"http://127.0.0.1:1\"\nscope = \"r:read\"\n"))
+        .collect();
+    let cfg = write_config(&routes);
+    let mut child = Command::new(bin())
+        .arg("--config")
+        .arg(&cfg.path)
+        .args(["config", "check"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keygate");
+    // `keygate config check | head -1`
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert_eq!(first, "configuration is valid\n");
+    let out = child.wait_with_output().expect("wait");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
