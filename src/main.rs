@@ -1,4 +1,5 @@
-//! The `keygate` binary: parse the command line, run it, report the one-line error if any.
+//! The `keygate` binary: parse the command line, run it, report the one-line error if any
+//! (a JSON object instead when logs are JSON).
 
 use std::process::ExitCode;
 
@@ -7,21 +8,20 @@ use keygate::cli::CliError;
 
 fn main() -> ExitCode {
     let cli = keygate::cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let (config, log_format) = (cli.config.clone(), cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"));
+    let result = runtime.and_then(|rt| match rt.block_on(keygate::cli::run(cli)) {
+        Ok(()) | Err(CliError::OutputClosed) => Ok(()),
+        Err(e) => Err(anyhow::Error::from(e)),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(keygate::cli::run(cli)) {
-        Ok(()) | Err(CliError::OutputClosed) => ExitCode::SUCCESS,
-        Err(e) => {
-            let e = anyhow::Error::from(e);
-            eprintln!("error: {e:#}");
+            let format = keygate::cli::error_format(config.as_deref(), log_format);
+            keygate::telemetry::fatal(format, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }

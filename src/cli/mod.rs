@@ -126,14 +126,38 @@ impl From<std::io::Error> for CliError {
     }
 }
 
+/// The log format a command's fatal error is written in (`telemetry::fatal`): the flag, else
+/// `KEYGATE_LOG_FORMAT`, else the file's `log.format`, read leniently since the error may be
+/// that the file is invalid.
+pub fn error_format(config: Option<&std::path::Path>, flag: Option<LogFormatArg>) -> LogFormat {
+    if let Some(flag) = flag {
+        return flag.into();
+    }
+    let from_file = || {
+        let text = std::fs::read_to_string(config?).ok()?;
+        let table: toml::Table = toml::from_str(&text).ok()?;
+        Some(table.get("log")?.get("format")?.as_str()?.to_string())
+    };
+    match std::env::var("KEYGATE_LOG_FORMAT").ok().or_else(from_file) {
+        Some(f) if f.trim() == "json" => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
     if let Some(f) = cli.log_format {
-        config.log.format = match f {
-            LogFormatArg::Text => LogFormat::Text,
-            LogFormatArg::Json => LogFormat::Json,
-        };
+        config.log.format = f.into();
     }
     match cli.command {
         Command::Serve => {

@@ -536,3 +536,73 @@ fn a_reader_that_stops_early_ends_a_command_quietly() {
     );
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn with_json_logs_a_fatal_error_is_one_json_line_like_the_log() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let db = tempfile::tempdir().expect("dir");
+    let base = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n",
+        db.path().join("k.db").display()
+    );
+    let flag = write_config(&base);
+    let file = write_config(&format!("{base}[log]\nformat = \"json\"\n"));
+    for out in [
+        keygate(&flag.path, &["--log-format", "json", "serve"]),
+        keygate(&file.path, &["serve"]),
+    ] {
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        let lines: Vec<serde_json::Value> = err
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let last = lines.last().expect("an error line");
+        assert_eq!(last["level"], "ERROR", "{err}");
+        let message = last["message"].as_str().expect("message");
+        assert!(
+            message.contains("cannot bind") && message.contains(&port.to_string()),
+            "{err}"
+        );
+        assert!(
+            last["target"]
+                .as_str()
+                .expect("target")
+                .starts_with("keygate"),
+            "{err}"
+        );
+        assert!(
+            last["timestamp"]
+                .as_str()
+                .expect("timestamp")
+                .ends_with('Z'),
+            "{err}"
+        );
+        // The same shape as the log lines before it (field names, not values).
+        if let Some(first) = lines.first().filter(|l| l["level"] != "ERROR") {
+            for field in ["timestamp", "level", "target"] {
+                assert!(first.get(field).is_some(), "{first}");
+            }
+        }
+    }
+    // A configuration error before the log format is known still follows the flag.
+    let bad = write_config("[proxy]\nlisten = \"nowhere\"\n");
+    let out = keygate(&bad.path, &["--log-format", "json", "config", "check"]);
+    let line: serde_json::Value = serde_json::from_str(stderr(&out).trim()).expect("json");
+    assert!(
+        line["message"]
+            .as_str()
+            .expect("message")
+            .contains("proxy.listen"),
+        "{line}"
+    );
+
+    // Text mode is unchanged: the last line is `error: ...`.
+    let out = keygate(&flag.path, &["serve"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let last = err.lines().last().expect("an error line");
+    assert!(last.starts_with("error: cannot bind proxy.listen"), "{err}");
+    drop(taken);
+}
