@@ -23,10 +23,10 @@ pub enum KeyCommand {
         #[arg(long = "scope", required = true, value_name = "SCOPE")]
         scopes: Vec<String>,
         /// When the key stops working (RFC 3339, e.g. 2026-12-31T00:00:00Z).
-        #[arg(long, value_name = "RFC3339")]
+        #[arg(long, value_name = "RFC3339", allow_hyphen_values = true)]
         expires_at: Option<String>,
         /// When the key stops working, from now (e.g. 7d, 12h).
-        #[arg(long, value_name = "DURATION")]
+        #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
         expires_in: Option<String>,
         /// Print `{"id","prefix","key","scopes","expires_at"}`.
         #[arg(long)]
@@ -46,10 +46,10 @@ pub enum KeyCommand {
     Expire {
         prefix: String,
         /// An RFC 3339 time; a past time expires the key at once.
-        #[arg(long, value_name = "RFC3339")]
+        #[arg(long, value_name = "RFC3339", allow_hyphen_values = true)]
         at: Option<String>,
         /// A duration from now, e.g. 7d.
-        #[arg(long = "in", value_name = "DURATION")]
+        #[arg(long = "in", value_name = "DURATION", allow_hyphen_values = true)]
         in_: Option<String>,
         /// Remove the expiry.
         #[arg(long)]

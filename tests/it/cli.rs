@@ -606,3 +606,83 @@ fn with_json_logs_a_fatal_error_is_one_json_line_like_the_log() {
     assert!(last.starts_with("error: cannot bind proxy.listen"), "{err}");
     drop(taken);
 }
+
+#[test]
+fn usage_errors_are_one_line_and_exit_1_while_help_and_version_exit_0() {
+    let db = tempfile::tempdir().expect("dir");
+    let cfg = write_config(&format!(
+        "[database]\nurl = \"sqlite://{}\"\n[hashing]\nmemory_kib = 1024\niterations = 1\n",
+        db.path().join("k.db").display()
+    ));
+    ok(keygate(&cfg.path, &["account", "create", "billing"]));
+
+    // A negative duration reaches keygate's own parser instead of reading as a flag.
+    let create = |flag: &str, value: &str| {
+        keygate(
+            &cfg.path,
+            &[
+                "key",
+                "create",
+                "--account",
+                "billing",
+                "--name",
+                "ci",
+                "--scope",
+                "a:read",
+                flag,
+                value,
+            ],
+        )
+    };
+    fails_with(create("--expires-in", "-1d"), "`-1d` is not a duration");
+    fails_with(create("--expires-at", "-2026-01-01T00:00:00Z"), "RFC 3339");
+    fails_with(
+        keygate(&cfg.path, &["key", "expire", "kgsAAAAA", "--in", "-5m"]),
+        "`-5m` is not a duration",
+    );
+
+    for (args, needle) in [
+        (
+            &["config", "check", "--foo"][..],
+            "error: unexpected argument '--foo' found; see --help",
+        ),
+        (
+            &["key", "frobnicate"][..],
+            "error: unrecognized subcommand 'frobnicate'; see --help",
+        ),
+        (
+            &["--log-format", "xml", "config", "check"][..],
+            "error: invalid value 'xml' for '--log-format <LOG_FORMAT>' [possible values: text, json]; see --help",
+        ),
+        (
+            &["user", "add", "--email", "a@example.com", "--role", "viewer"][..],
+            "error: the following required arguments were not provided: --password-stdin; see --help",
+        ),
+    ] {
+        let out = keygate(&cfg.path, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with(needle), "{args:?}: {err}");
+    }
+
+    for args in [
+        &["--help"][..],
+        &["key", "create", "--help"],
+        &["--version"],
+    ] {
+        let out = keygate(&cfg.path, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            stderr(&out).is_empty() && !stdout(&out).is_empty(),
+            "{args:?}"
+        );
+    }
+    let out = keygate(&cfg.path, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: 'keygate' requires a subcommand but one was not provided \
+         [subcommands: serve, migrate, config, account, key, user, gateway, help]; see --help\n"
+    );
+}
