@@ -32,6 +32,9 @@ pub enum TlsError {
 }
 
 /// The crypto provider keygate uses everywhere: ring (aws-lc-rs would need cmake to build).
+/// sqlx's PostgreSQL TLS is ring too (`tls-rustls-ring-native-roots`) and passes its provider
+/// explicitly; no crate in the build enables aws-lc-rs, so rustls never has two providers to
+/// choose between and never panics asking for a default.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
