@@ -24,3 +24,26 @@ pub fn init(format: LogFormat, filter: &str) {
             .try_init(),
     };
 }
+
+/// Writes a command's fatal error as its last line on stderr: `error: ...` with text logs, and
+/// with JSON logs one object shaped like every other log line (`timestamp`, `level` "ERROR",
+/// `message`, `target`) so `keygate ... 2>&1 | jq` keeps parsing to the end. The line goes
+/// through a subscriber of its own, without the log filter: a fatal error is never filtered out.
+pub fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => {
+            // The same line shape as `init`'s JSON.
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::error!(target: "keygate", "{message}");
+            });
+        }
+    }
+}

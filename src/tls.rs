@@ -32,6 +32,9 @@ pub enum TlsError {
 }
 
 /// The crypto provider keygate uses everywhere: ring (aws-lc-rs would need cmake to build).
+/// sqlx's PostgreSQL TLS is ring too (`tls-rustls-ring-native-roots`) and passes its provider
+/// explicitly; no crate in the build enables aws-lc-rs, so rustls never has two providers to
+/// choose between and never panics asking for a default.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -184,6 +187,22 @@ pub fn client_config(tls: &UpstreamTls) -> Result<ClientConfig, TlsError> {
     };
     // ALPN stays empty here: the connector sets it to http/1.1 (keygate's upstream protocol).
     Ok(cfg)
+}
+
+/// Reads a PEM certificate chain as the listener or an upstream connection would
+/// (configuration validation: each file is named by its setting there).
+pub fn check_certs(path: &Path) -> Result<(), TlsError> {
+    read_certs(path).map(drop)
+}
+
+/// Reads a PEM private key as the listener or an upstream connection would.
+pub fn check_key(path: &Path) -> Result<(), TlsError> {
+    read_key(path).map(drop)
+}
+
+/// Checks that `key` is the private key of the leaf certificate in `cert`.
+pub fn check_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
+    certified_key(cert, key, &provider()).map(drop)
 }
 
 fn certified_key(

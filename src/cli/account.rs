@@ -29,10 +29,11 @@ pub async fn run(cmd: AccountCommand, manager: &Manager) -> Result<(), CliError>
             let account = manager
                 .create_account(&name, &description, &Actor::cli())
                 .await?;
-            println!(
+            outln!(
                 "created service account `{}` (id {})",
-                account.name, account.id
-            );
+                account.name,
+                account.id
+            )?;
         }
         AccountCommand::List { json } => {
             let accounts = manager.store.accounts().await?;
@@ -49,7 +50,7 @@ pub async fn run(cmd: AccountCommand, manager: &Manager) -> Result<(), CliError>
                         })
                     })
                     .collect();
-                println!("{}", serde_json::Value::from(v));
+                outln!("{}", serde_json::Value::from(v))?;
             } else {
                 let rows: Vec<Vec<String>> = accounts
                     .iter()
@@ -62,7 +63,7 @@ pub async fn run(cmd: AccountCommand, manager: &Manager) -> Result<(), CliError>
                         ]
                     })
                     .collect();
-                print_table(&["ID", "NAME", "CREATED", "DESCRIPTION"], &rows);
+                print_table(&["ID", "NAME", "CREATED", "DESCRIPTION"], &rows)?;
             }
         }
     }

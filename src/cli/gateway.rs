@@ -38,34 +38,34 @@ pub async fn run(cmd: GatewayCommand, manager: &Manager, config: &Config) -> Res
     match cmd {
         GatewayCommand::Pair { name, json } => {
             let paired = manager.pair_gateway(&name, scopes, &Actor::cli()).await?;
-            print_key(&paired, "paired", json);
+            print_key(&paired, "paired", json)?;
         }
         GatewayCommand::Repair { name, json } => {
             let gateway = manager.gateway_named(&name).await?;
             let paired = manager
                 .repair_gateway(&gateway, scopes, &Actor::cli())
                 .await?;
-            print_key(&paired, "re-paired", json);
+            print_key(&paired, "re-paired", json)?;
             if !json {
                 if let Some(old) = &gateway.prefix {
-                    println!("The old key {old}… no longer works.");
+                    outln!("The old key {old}… no longer works.")?;
                 }
             }
         }
         GatewayCommand::Unpair { name } => {
             let gateway = manager.gateway_named(&name).await?;
             manager.unpair_gateway(&gateway, &Actor::cli()).await?;
-            println!(
+            outln!(
                 "unpaired gateway `{}`: key {}… is refused after the next table refresh",
                 gateway.name,
                 gateway.prefix.as_deref().unwrap_or("-")
-            );
+            )?;
         }
         GatewayCommand::List { json } => {
             let gateways = manager.store.gateways().await?;
             if json {
                 let v: Vec<_> = gateways.iter().map(gateway_json).collect();
-                println!("{}", serde_json::Value::from(v));
+                outln!("{}", serde_json::Value::from(v))?;
             } else {
                 let opt = |t: Option<i64>| t.map(rfc3339).unwrap_or_else(|| "-".into());
                 let rows: Vec<Vec<String>> = gateways
@@ -93,14 +93,14 @@ pub async fn run(cmd: GatewayCommand, manager: &Manager, config: &Config) -> Res
                         "LAST SEEN",
                     ],
                     &rows,
-                );
+                )?;
             }
         }
     }
     Ok(())
 }
 
-fn print_key(paired: &PairedGateway, verb: &str, json: bool) {
+fn print_key(paired: &PairedGateway, verb: &str, json: bool) -> Result<(), CliError> {
     let g = &paired.gateway;
     if json {
         let v = serde_json::json!({
@@ -111,14 +111,15 @@ fn print_key(paired: &PairedGateway, verb: &str, json: bool) {
             "scopes": g.scopes.split_ascii_whitespace().collect::<Vec<_>>(),
             "state": gateway_state(g),
         });
-        println!("{v}");
+        outln!("{v}")?;
     } else {
-        println!("{verb} gateway `{}`", g.name);
-        println!("  prefix   {}", g.prefix.as_deref().unwrap_or("-"));
-        println!("  scopes   {}", g.scopes);
-        println!();
-        println!("  {}", paired.key.expose());
-        println!();
-        println!("Copy the key now and install it on the gateway: it is shown only this once.");
+        outln!("{verb} gateway `{}`", g.name)?;
+        outln!("  prefix   {}", g.prefix.as_deref().unwrap_or("-"))?;
+        outln!("  scopes   {}", g.scopes)?;
+        outln!()?;
+        outln!("  {}", paired.key.expose())?;
+        outln!()?;
+        outln!("Copy the key now and install it on the gateway: it is shown only this once.")?;
     }
+    Ok(())
 }

@@ -23,10 +23,10 @@ pub enum KeyCommand {
         #[arg(long = "scope", required = true, value_name = "SCOPE")]
         scopes: Vec<String>,
         /// When the key stops working (RFC 3339, e.g. 2026-12-31T00:00:00Z).
-        #[arg(long, value_name = "RFC3339")]
+        #[arg(long, value_name = "RFC3339", allow_hyphen_values = true)]
         expires_at: Option<String>,
         /// When the key stops working, from now (e.g. 7d, 12h).
-        #[arg(long, value_name = "DURATION")]
+        #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
         expires_in: Option<String>,
         /// Print `{"id","prefix","key","scopes","expires_at"}`.
         #[arg(long)]
@@ -46,10 +46,10 @@ pub enum KeyCommand {
     Expire {
         prefix: String,
         /// An RFC 3339 time; a past time expires the key at once.
-        #[arg(long, value_name = "RFC3339")]
+        #[arg(long, value_name = "RFC3339", allow_hyphen_values = true)]
         at: Option<String>,
         /// A duration from now, e.g. 7d.
-        #[arg(long = "in", value_name = "DURATION")]
+        #[arg(long = "in", value_name = "DURATION", allow_hyphen_values = true)]
         in_: Option<String>,
         /// Remove the expiry.
         #[arg(long)]
@@ -88,22 +88,23 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                     "scopes": r.scopes.split_ascii_whitespace().collect::<Vec<_>>(),
                     "expires_at": r.expires_at.map(rfc3339),
                 });
-                println!("{v}");
+                outln!("{v}")?;
             } else {
-                println!(
+                outln!(
                     "created key `{}` for service account `{}`",
-                    r.name, r.account_name
-                );
-                println!("  prefix   {}", r.prefix);
-                println!("  scopes   {}", r.scopes);
-                println!(
+                    r.name,
+                    r.account_name
+                )?;
+                outln!("  prefix   {}", r.prefix)?;
+                outln!("  scopes   {}", r.scopes)?;
+                outln!(
                     "  expires  {}",
                     r.expires_at.map(rfc3339).unwrap_or_else(|| "never".into())
-                );
-                println!();
-                println!("  {}", issued.key.expose());
-                println!();
-                println!("Copy the key now: it is shown only this once.");
+                )?;
+                outln!()?;
+                outln!("  {}", issued.key.expose())?;
+                outln!()?;
+                outln!("Copy the key now: it is shown only this once.")?;
             }
         }
         KeyCommand::List { account, json } => {
@@ -117,7 +118,7 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                     .iter()
                     .map(|k| key_json(k, now, config.admin.stale_after.as_millis() as i64))
                     .collect();
-                println!("{}", serde_json::Value::from(v));
+                outln!("{}", serde_json::Value::from(v))?;
             } else {
                 let opt = |t: Option<i64>| t.map(rfc3339).unwrap_or_else(|| "-".into());
                 let rows: Vec<Vec<String>> = keys
@@ -151,19 +152,19 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                         "STATUS",
                     ],
                     &rows,
-                );
+                )?;
             }
         }
         KeyCommand::Revoke { prefix } => {
             let record = manager.key_by_prefix(&prefix).await?;
             let revoked = manager.revoke_key(&record, &Actor::cli()).await?;
-            println!(
+            outln!(
                 "revoked key {} (`{}` of `{}`); sidecars refuse it within one table refresh ({:?})",
                 revoked.prefix,
                 revoked.name,
                 revoked.account_name,
                 config.database.refresh_interval
-            );
+            )?;
         }
         KeyCommand::Expire {
             prefix,
@@ -181,8 +182,8 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
                 .set_expiry(&record, expires_at, &Actor::cli())
                 .await?;
             match updated.expires_at {
-                Some(at) => println!("key {} expires at {}", updated.prefix, rfc3339(at)),
-                None => println!("key {} no longer expires", updated.prefix),
+                Some(at) => outln!("key {} expires at {}", updated.prefix, rfc3339(at))?,
+                None => outln!("key {} no longer expires", updated.prefix)?,
             }
         }
     }
@@ -191,10 +192,10 @@ pub async fn run(cmd: KeyCommand, manager: &Manager, config: &Config) -> Result<
 
 fn expiry(at: Option<&str>, within: Option<&str>, now: i64) -> Result<Option<i64>, CliError> {
     match (at, within) {
-        (Some(at), _) => parse_rfc3339(at).map(Some).map_err(CliError),
+        (Some(at), _) => parse_rfc3339(at).map(Some).map_err(CliError::Failed),
         (None, Some(d)) => parse_duration_ms(d)
             .map(|d| Some(now + d))
-            .map_err(CliError),
+            .map_err(CliError::Failed),
         (None, None) => Ok(None),
     }
 }

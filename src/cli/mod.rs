@@ -1,6 +1,17 @@
 //! The command line: `keygate [--config PATH] <command>`. Each command group has its file.
 //! Errors come back as one clear line; the binary prints it and exits non-zero.
 
+/// `println!` for command output, returning the write error instead of panicking: a reader
+/// that stops early (`keygate key list | head -1`) makes it `CliError::OutputClosed`, which
+/// ends the command quietly. (Rust ignores SIGPIPE, which `serve`'s sockets need; a one-shot
+/// command sees the closed pipe as this error rather than dying of the signal.)
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::cli::CliError::from)
+    }};
+}
+
 mod account;
 mod gateway;
 mod key;
@@ -69,38 +80,76 @@ pub enum ConfigCommand {
     Check,
 }
 
-/// A command's failure, as the one line the user sees.
+/// How a command ends other than in success.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CliError(pub String);
+pub enum CliError {
+    /// A failure, as the one line the user sees.
+    #[error("{0}")]
+    Failed(String),
+    /// Standard output's reader went away (`| head -1`). Not a failure: the reader had all it
+    /// wanted, so the binary exits 0 without a message.
+    #[error("standard output was closed")]
+    OutputClosed,
+}
 
 impl From<ConfigError> for CliError {
     fn from(e: ConfigError) -> Self {
-        CliError(format!("invalid configuration: {e}"))
+        CliError::Failed(format!("invalid configuration: {e}"))
     }
 }
 
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
-        CliError(e.to_string())
+        CliError::Failed(e.to_string())
     }
 }
 
 impl From<ManageError> for CliError {
     fn from(e: ManageError) -> Self {
-        CliError(e.to_string())
+        CliError::Failed(e.to_string())
     }
 }
 
 impl From<StartError> for CliError {
     fn from(e: StartError) -> Self {
-        CliError(e.to_string())
+        CliError::Failed(e.to_string())
     }
 }
 
 impl From<std::io::Error> for CliError {
     fn from(e: std::io::Error) -> Self {
-        CliError(e.to_string())
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            CliError::OutputClosed
+        } else {
+            CliError::Failed(e.to_string())
+        }
+    }
+}
+
+/// The log format a command's fatal error is written in (`telemetry::fatal`): the flag, else
+/// `KEYGATE_LOG_FORMAT`, else the file's `log.format`, read leniently since the error may be
+/// that the file is invalid.
+pub fn error_format(config: Option<&std::path::Path>, flag: Option<LogFormatArg>) -> LogFormat {
+    if let Some(flag) = flag {
+        return flag.into();
+    }
+    let from_file = || {
+        let text = std::fs::read_to_string(config?).ok()?;
+        let table: toml::Table = toml::from_str(&text).ok()?;
+        Some(table.get("log")?.get("format")?.as_str()?.to_string())
+    };
+    match std::env::var("KEYGATE_LOG_FORMAT").ok().or_else(from_file) {
+        Some(f) if f.trim() == "json" => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
     }
 }
 
@@ -108,33 +157,39 @@ impl From<std::io::Error> for CliError {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
     if let Some(f) = cli.log_format {
-        config.log.format = match f {
-            LogFormatArg::Text => LogFormat::Text,
-            LogFormatArg::Json => LogFormat::Json,
-        };
+        config.log.format = f.into();
     }
     match cli.command {
         Command::Serve => {
             crate::telemetry::init(config.log.format, &config.log.filter);
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            for name in &config.ignored_env {
+                tracing::debug!(variable = %name, "ignored: a Kubernetes service-link variable, not a setting");
+            }
             serve::run(config, cli.config.clone()).await
         }
         Command::Migrate => {
             let store = connect(&config).await?;
             store.migrate().await?;
-            println!(
+            outln!(
                 "migrations applied ({} at {})",
                 store.engine(),
                 config.database.url
-            );
+            )?;
             Ok(())
         }
         Command::Config(ConfigCommand::Check) => {
-            println!("configuration is valid");
-            println!("  proxy.listen     {}", config.proxy.listen);
-            println!("  admin.listen     {}", config.admin.listen);
-            println!("  database.url     {}", config.database.url);
-            println!("  gateways.scopes  {}", config.gateways.scopes.joined());
-            println!("  routes           {}", config.routes.len());
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
+            outln!("configuration is valid")?;
+            outln!("  proxy.listen     {}", config.proxy.listen)?;
+            outln!("  admin.listen     {}", config.admin.listen)?;
+            outln!("  database.url     {}", config.database.url)?;
+            outln!("  gateways.scopes  {}", config.gateways.scopes.joined())?;
+            outln!("  routes           {}", config.routes.len())?;
             for r in &config.routes {
                 let methods = if r.methods.is_empty() {
                     "*".to_string()
@@ -145,10 +200,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         .collect::<Vec<_>>()
                         .join(",")
                 };
-                println!(
+                outln!(
                     "    {:<20} {:<24} {:<12} {:<20} -> {}",
-                    r.name, r.path_prefix, methods, r.scope, r.upstream
-                );
+                    r.name,
+                    r.path_prefix,
+                    methods,
+                    r.scope,
+                    r.upstream
+                )?;
             }
             Ok(())
         }
@@ -163,7 +222,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 async fn connect(config: &Config) -> Result<Store, CliError> {
     Store::connect(&config.database.url, 2)
         .await
-        .map_err(|e| CliError(format!("cannot open database {}: {e}", config.database.url)))
+        .map_err(|e| CliError::Failed(format!("cannot open database {}: {e}", config.database.url)))
 }
 
 async fn manager(config: &Config) -> Result<Manager, CliError> {
@@ -173,7 +232,7 @@ async fn manager(config: &Config) -> Result<Manager, CliError> {
 }
 
 /// Prints rows as left-aligned columns under a header.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<(), CliError> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -189,10 +248,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", s.trim_end());
+        outln!("{}", s.trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }

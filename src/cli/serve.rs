@@ -61,7 +61,7 @@ impl Signals {
         {
             use tokio::signal::unix::{signal, SignalKind};
             let install = |kind: SignalKind, name: &str| {
-                signal(kind).map_err(|e| CliError(format!("cannot handle {name}: {e}")))
+                signal(kind).map_err(|e| CliError::Failed(format!("cannot handle {name}: {e}")))
             };
             Ok(Signals {
                 term: install(SignalKind::terminate(), "SIGTERM")?,

@@ -76,10 +76,12 @@ pub async fn run(cmd: UserCommand, manager: &Manager) -> Result<(), CliError> {
             let user = manager
                 .add_user(&email, role, &password, &Actor::cli())
                 .await?;
-            println!(
+            outln!(
                 "added user {} with role {} (id {})",
-                user.email, user.role, user.id
-            );
+                user.email,
+                user.role,
+                user.id
+            )?;
         }
         UserCommand::List { json } => {
             let users = manager.store.users().await?;
@@ -96,7 +98,7 @@ pub async fn run(cmd: UserCommand, manager: &Manager) -> Result<(), CliError> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::Value::from(v));
+                outln!("{}", serde_json::Value::from(v))?;
             } else {
                 let rows: Vec<Vec<String>> = users
                     .iter()
@@ -113,34 +115,34 @@ pub async fn run(cmd: UserCommand, manager: &Manager) -> Result<(), CliError> {
                         ]
                     })
                     .collect();
-                print_table(&["ID", "EMAIL", "ROLE", "CREATED", "STATUS"], &rows);
+                print_table(&["ID", "EMAIL", "ROLE", "CREATED", "STATUS"], &rows)?;
             }
         }
         UserCommand::Disable { email } => {
             let user = manager.disable_user(&email, &Actor::cli()).await?;
-            println!(
+            outln!(
                 "disabled user {}; its console sessions have ended",
                 user.email
-            );
+            )?;
         }
         UserCommand::Enable { email } => {
             let user = manager.enable_user(&email, &Actor::cli()).await?;
-            println!("enabled user {}", user.email);
+            outln!("enabled user {}", user.email)?;
         }
         UserCommand::SetRole { email, role } => {
             let role = Role::parse(&role)?;
             let user = manager.set_user_role(&email, role, &Actor::cli()).await?;
-            println!("user {} now has role {}", user.email, user.role);
+            outln!("user {} now has role {}", user.email, user.role)?;
         }
         UserCommand::SetPassword { email, .. } => {
             let password = password_from_stdin()?;
             let user = manager
                 .set_user_password(&email, &password, &Actor::cli())
                 .await?;
-            println!(
+            outln!(
                 "set a new password for {}; its console sessions have ended",
                 user.email
-            );
+            )?;
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! that reject unknown keys, then converted once into validated types. Every error names the
 //! exact setting that is wrong (`routes[1].upstream: ...`).
 
+mod env;
 mod raw;
 
 use std::fmt;
@@ -26,6 +27,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub gateways: GatewaysConfig,
     pub routes: Vec<RouteConfig>,
+    /// `KEYGATE_*` variables skipped because they have the shape of Kubernetes service links
+    /// (`KEYGATE_PORT=tcp://...` for a Service named `keygate`); `serve` logs them at debug.
+    pub ignored_env: Vec<String>,
+    /// Settings that are valid but unwise, each a line naming the setting; `serve` logs them
+    /// as warnings and `config check` prints them.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -317,7 +324,36 @@ impl Config {
         let origin = path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "config".into());
-        Config::from_toml(&text, &origin, env)
+        let config = Config::from_toml(&text, &origin, env)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// Opens every TLS file the configuration names and parses it as `serve` will, so a
+    /// missing or malformed file fails `config check` and the start with its setting's path
+    /// (`routes[0].ca_file: /etc/ca.pem: cannot read: ...`). `load` calls it; `from_toml`
+    /// leaves the file system alone.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        use crate::tls::{check_certs, check_key, check_pair};
+        let named =
+            |path: String| move |e: crate::tls::TlsError| ConfigError::new(path, e.to_string());
+        if let Some(t) = &self.proxy.tls {
+            check_certs(&t.cert_file).map_err(named("proxy.tls.cert_file".into()))?;
+            check_key(&t.key_file).map_err(named("proxy.tls.key_file".into()))?;
+            check_pair(&t.cert_file, &t.key_file).map_err(named("proxy.tls.key_file".into()))?;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = |field: &str| format!("routes[{i}].{field}");
+            if let Some(ca) = &r.tls.ca_file {
+                check_certs(ca).map_err(named(at("ca_file")))?;
+            }
+            if let Some((cert, key)) = &r.tls.client_cert {
+                check_certs(cert).map_err(named(at("client_cert_file")))?;
+                check_key(key).map_err(named(at("client_key_file")))?;
+                check_pair(cert, key).map_err(named(at("client_key_file")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Parses TOML text (`origin` names it in errors) with environment overrides applied.
@@ -329,10 +365,12 @@ impl Config {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             ConfigError::new(origin, e.message().to_string() + &location(text, e.span()))
         })?;
-        raw::apply_env(&mut table, env)?;
+        let ignored_env = env::apply_env(&mut table, env)?;
         let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::new(e.path().to_string(), e.inner().message().to_string()))?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.ignored_env = ignored_env;
+        Ok(config)
     }
 
     /// The scopes the configured routes require, sorted and unique: what a key can usefully hold.

@@ -25,20 +25,6 @@ pub(super) struct RawConfig {
     routes: Vec<RawRoute>,
 }
 
-/// The sections an environment variable may address, longest first so `last_used` wins over
-/// a hypothetical `last`.
-const SECTIONS: &[&str] = &[
-    "verification",
-    "last_used",
-    "gateways",
-    "database",
-    "hashing",
-    "metrics",
-    "proxy",
-    "admin",
-    "log",
-];
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawProxy {
@@ -242,48 +228,6 @@ struct RawRoute {
     client_key_file: Option<String>,
 }
 
-/// Applies `KEYGATE_<SECTION>_<SETTING>=value` variables on top of the file. Values are read as
-/// TOML when they parse (`5`, `true`) and as strings otherwise (`10s`, `127.0.0.1:8080`).
-pub(super) fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    for (name, value) in env {
-        let Some(rest) = name.strip_prefix("KEYGATE_") else {
-            continue;
-        };
-        // KEYGATE_CONFIG names the file; KEYGATE_TEST_* belong to the test suite.
-        if rest == "CONFIG" || rest.starts_with("TEST_") {
-            continue;
-        }
-        let rest = rest.to_ascii_lowercase();
-        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
-            rest.strip_prefix(s)
-                .and_then(|k| k.strip_prefix('_'))
-                .map(|k| (*s, k))
-        }) else {
-            return Err(ConfigError::new(
-                name,
-                "does not name a setting (KEYGATE_<SECTION>_<SETTING>)",
-            ));
-        };
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.clone()));
-        let section_table = table
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        match section_table {
-            toml::Value::Table(t) => {
-                t.insert(key.to_string(), parsed);
-            }
-            _ => return Err(ConfigError::new(section, "must be a table")),
-        }
-    }
-    Ok(())
-}
-
 impl RawConfig {
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
         let p = &self.proxy;
@@ -407,7 +351,7 @@ impl RawConfig {
             iterations: h.iterations,
             parallelism: h.parallelism,
         };
-        crate::keys::hasher(hashing).map_err(|m| ConfigError::new("hashing", m))?;
+        check_hashing(hashing)?;
 
         let v = &self.verification;
         let verification = VerificationConfig {
@@ -475,6 +419,8 @@ impl RawConfig {
             },
             gateways,
             routes,
+            ignored_env: Vec::new(),
+            warnings: weak_hashing(hashing).into_iter().collect(),
         })
     }
 }
@@ -525,6 +471,67 @@ fn file(path: &str, s: &str) -> Result<PathBuf, ConfigError> {
         return Err(ConfigError::new(path, "must name a file"));
     }
     Ok(PathBuf::from(s))
+}
+
+/// argon2's own limits, each reported at its setting; argon2 checks the rest.
+fn check_hashing(h: HashingConfig) -> Result<(), ConfigError> {
+    use argon2::Params;
+    if !(Params::MIN_P_COST..=Params::MAX_P_COST).contains(&h.parallelism) {
+        return Err(ConfigError::new(
+            "hashing.parallelism",
+            format!(
+                "must be {} to {} lanes",
+                Params::MIN_P_COST,
+                Params::MAX_P_COST
+            ),
+        ));
+    }
+    if h.iterations < Params::MIN_T_COST {
+        return Err(ConfigError::new(
+            "hashing.iterations",
+            format!("must be at least {}", Params::MIN_T_COST),
+        ));
+    }
+    let min_memory = Params::MIN_M_COST.max(8 * h.parallelism);
+    if h.memory_kib < min_memory {
+        return Err(ConfigError::new(
+            "hashing.memory_kib",
+            format!(
+                "must be at least {min_memory} (argon2 needs 8 KiB per lane; parallelism = {})",
+                h.parallelism
+            ),
+        ));
+    }
+    crate::keys::hasher(h)
+        .map(drop)
+        .map_err(|m| ConfigError::new("hashing", m))
+}
+
+/// OWASP's minimum argon2id costs (Password Storage Cheat Sheet), as equivalent pairs of
+/// memory (KiB) and iterations with one lane; keygate's default is the second.
+const OWASP_ARGON2ID: [(u32, u32); 5] = [
+    (47_104, 1),
+    (19_456, 2),
+    (12_288, 3),
+    (9_216, 4),
+    (7_168, 5),
+];
+
+/// A warning when new key hashes would be cheaper than OWASP's minimum. Not refused: tests and
+/// development machines run on cheap parameters on purpose.
+fn weak_hashing(h: HashingConfig) -> Option<String> {
+    if OWASP_ARGON2ID
+        .iter()
+        .any(|&(memory, iterations)| h.memory_kib >= memory && h.iterations >= iterations)
+    {
+        return None;
+    }
+    Some(format!(
+        "hashing.memory_kib = {} with hashing.iterations = {} is below OWASP's minimum for \
+         argon2id (19456 KiB with 2 iterations, or 47104/1, 12288/3, 9216/4, 7168/5): new key \
+         hashes are cheaper to brute-force than recommended",
+        h.memory_kib, h.iterations
+    ))
 }
 
 fn socket_addr(path: &str, s: &str) -> Result<SocketAddr, ConfigError> {

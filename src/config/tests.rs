@@ -57,7 +57,11 @@ fn invalid_values_name_the_exact_setting() {
         ("[database]\nurl = \"mysql://x\"", "database.url"),
         ("[proxy]\nlisten = \"localhost\"", "proxy.listen"),
         ("[last_used]\nflush_interval = \"2m\"", "last_used.flush_interval"),
-        ("[hashing]\nmemory_kib = 1", "hashing"),
+        ("[hashing]\nmemory_kib = 1", "hashing.memory_kib"),
+        ("[hashing]\nmemory_kib = 15\nparallelism = 2", "hashing.memory_kib"),
+        ("[hashing]\niterations = 0", "hashing.iterations"),
+        ("[hashing]\nparallelism = 0", "hashing.parallelism"),
+        ("[hashing]\nparallelism = 16777216", "hashing.parallelism"),
         ("[log]\nformat = \"xml\"", "log.format"),
         ("[[routes]]\nname=\"a\"\npath_prefix=\"/x/../y\"\nupstream=\"http://h:1\"\nscope=\"s\"", "routes[0].path_prefix"),
         ("[[routes]]\nname=\"a\"\npath_prefix=\"/x\"\nupstream=\"http://h:1/base\"\nscope=\"s\"", "routes[0].upstream"),
@@ -262,4 +266,137 @@ fn gateway_scopes_are_scopes_some_route_requires() {
     let env = parse_env("", &[("KEYGATE_GATEWAYS_SCOPES", "[\"x:read\"]")])
         .expect("from the environment");
     assert_eq!(env.gateways.scopes.joined(), "x:read");
+}
+
+#[test]
+fn kubernetes_service_link_variables_are_ignored_and_typos_still_fail() {
+    // What a pod gets for Services named keygate, keygate-proxy and keygate-admin.
+    let links = [
+        ("KEYGATE_PORT", "tcp://10.0.0.7:8080"),
+        ("KEYGATE_SERVICE_HOST", "10.0.0.7"),
+        ("KEYGATE_SERVICE_PORT", "8080"),
+        ("KEYGATE_SERVICE_PORT_HTTP", "8080"),
+        ("KEYGATE_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+        ("KEYGATE_PORT_8080_TCP_ADDR", "10.0.0.7"),
+        ("KEYGATE_PORT_8080_TCP_PORT", "8080"),
+        ("KEYGATE_PORT_8080_TCP_PROTO", "tcp"),
+        ("KEYGATE_PROXY_PORT", "tcp://10.0.0.8:443"),
+        ("KEYGATE_PROXY_SERVICE_HOST", "10.0.0.8"),
+        ("KEYGATE_PROXY_SERVICE_PORT", "443"),
+        ("KEYGATE_PROXY_PORT_443_TCP_ADDR", "10.0.0.8"),
+        ("KEYGATE_ADMIN_PORT", "tcp://10.0.0.9:9090"),
+        ("KEYGATE_ADMIN_SERVICE_PORT_HTTP", "9090"),
+        ("KEYGATE_ADMIN_SERVICE_PORT_METRICS_HTTP", "9090"),
+        ("KEYGATE_ADMIN_PORT_9090_UDP_PROTO", "udp"),
+        ("KEYGATE_ADMIN_PORT_9090_SCTP", "sctp://10.0.0.9:9090"),
+        ("KEYGATE_PROXY_LISTEN", "0.0.0.0:8080"),
+    ];
+    let c = parse_env("", &links).expect("service links do not stop keygate");
+    assert_eq!(c.proxy.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.ignored_env.len(), links.len() - 1, "{:?}", c.ignored_env);
+    assert!(c.ignored_env.iter().all(|n| n != "KEYGATE_PROXY_LISTEN"));
+
+    for typo in [
+        "KEYGATE_PROXY_LISTN",
+        "KEYGATE_PROXY_LISTEN_ADDR",
+        "KEYGATE_DATABASE_URI",
+        "KEYGATE_PORTS",
+        "KEYGATE_PORT_8080",
+        "KEYGATE_PORT_HTTP_TCP",
+        "KEYGATE_PORT_8080_TCP_HOST",
+        "KEYGATE_SERVICE_PORT_",
+    ] {
+        let err = parse_env("", &[(typo, "1")]).expect_err(typo);
+        assert_eq!(err.path, typo, "{err}");
+        assert!(err.message.contains("does not name a setting"), "{err}");
+    }
+}
+
+#[test]
+fn no_setting_is_named_like_a_kubernetes_service_link() {
+    let settings = env::settings();
+    assert!(
+        settings.len() > 40,
+        "the walk found every setting: {settings:?}"
+    );
+    for s in &settings {
+        let name = env::variable(s);
+        assert!(
+            !env::is_service_link(&name),
+            "{name} would be ignored as a Kubernetes service link"
+        );
+    }
+    let mut names: Vec<String> = settings.iter().map(|s| env::variable(s)).collect();
+    names.sort();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(before, names.len(), "two settings share a variable name");
+}
+
+#[test]
+fn every_setting_can_come_from_the_environment_nested_ones_included() {
+    let c = parse_env(
+        "",
+        &[
+            ("KEYGATE_PROXY_TLS_CERT_FILE", "/etc/keygate/cert.pem"),
+            ("KEYGATE_PROXY_TLS_KEY_FILE", "/etc/keygate/key.pem"),
+            ("KEYGATE_PROXY_TLS_WATCH_INTERVAL", "30s"),
+            ("KEYGATE_PROXY_TLS_HANDSHAKE_TIMEOUT", "3s"),
+        ],
+    )
+    .expect("valid");
+    let tls = c.proxy.tls.expect("[proxy.tls] from the environment");
+    assert_eq!(tls.cert_file, Path::new("/etc/keygate/cert.pem"));
+    assert_eq!(tls.key_file, Path::new("/etc/keygate/key.pem"));
+    assert_eq!(tls.watch_interval, Duration::from_secs(30));
+    assert_eq!(c.proxy.limits.tls_handshake_timeout, Duration::from_secs(3));
+
+    // The environment wins over the file inside a nested table too.
+    let c = parse_env(
+        "[proxy.tls]\ncert_file = \"a.pem\"\nkey_file = \"b.pem\"\n",
+        &[("KEYGATE_PROXY_TLS_KEY_FILE", "c.pem")],
+    )
+    .expect("valid");
+    let tls = c.proxy.tls.expect("tls");
+    assert_eq!(
+        (tls.cert_file.as_path(), tls.key_file.as_path()),
+        (Path::new("a.pem"), Path::new("c.pem"))
+    );
+
+    // Every setting the walk finds maps back onto itself (a table of its own where nested).
+    let settings = env::settings();
+    assert!(settings.contains(&vec!["proxy", "tls", "watch_interval"]));
+    assert!(settings.contains(&vec!["gateways", "scopes"]));
+    assert!(
+        !settings.iter().any(|s| s[0] == "routes"),
+        "routes are file-only"
+    );
+}
+
+#[test]
+fn hashing_below_the_owasp_minimum_is_a_warning_not_an_error() {
+    assert!(
+        Config::default().warnings.is_empty(),
+        "the defaults are OWASP's minimum"
+    );
+    for ok in [
+        "memory_kib = 47104\niterations = 1",
+        "memory_kib = 7168\niterations = 5",
+    ] {
+        let c = parse(&format!("[hashing]\n{ok}\n")).expect("valid");
+        assert!(c.warnings.is_empty(), "{ok}: {:?}", c.warnings);
+    }
+    for weak in [
+        "memory_kib = 1024\niterations = 1",
+        "memory_kib = 19455",
+        "iterations = 1",
+    ] {
+        let c = parse(&format!("[hashing]\n{weak}\n")).expect("cheap hashing is allowed");
+        assert_eq!(c.warnings.len(), 1, "{weak}");
+        assert!(
+            c.warnings[0].starts_with("hashing.memory_kib = ") && c.warnings[0].contains("OWASP"),
+            "{}",
+            c.warnings[0]
+        );
+    }
 }

@@ -375,3 +375,314 @@ async fn the_binary_streams_large_bodies_in_bounded_memory() {
     let (success, _) = served.stop_status();
     assert!(success);
 }
+
+/// Writes a self-signed certificate and its key as `<name>.pem` and `<name>-key.pem`.
+fn self_signed(dir: &Path, name: &str) -> (String, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, cert.cert.pem()).expect("write cert");
+    std::fs::write(&k, cert.signing_key.serialize_pem()).expect("write key");
+    (c.display().to_string(), k.display().to_string())
+}
+
+#[test]
+fn config_check_opens_every_tls_file_and_names_the_setting_of_a_bad_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = self_signed(dir.path(), "a");
+    let (_, other_key) = self_signed(dir.path(), "b");
+    let not_pem = dir.path().join("notes.txt").display().to_string();
+    std::fs::write(&not_pem, "not a certificate\n").expect("write");
+    let missing = "/nonexistent.pem";
+    let route = |extra: &str| {
+        format!(
+            "[[routes]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"https://localhost:1\"\nscope = \"r:read\"\n{extra}\n"
+        )
+    };
+    let listener =
+        |c: &str, k: &str| format!("[proxy.tls]\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n");
+    let mtls = |c: &str, k: &str| format!("client_cert_file = \"{c}\"\nclient_key_file = \"{k}\"");
+
+    let cases = [
+        (
+            route(&format!("ca_file = \"{missing}\"")),
+            format!("routes[0].ca_file: {missing}: cannot read: "),
+        ),
+        (
+            route(&format!("ca_file = \"{not_pem}\"")),
+            format!("routes[0].ca_file: {not_pem}: no PEM certificate"),
+        ),
+        (
+            route(&mtls(missing, &key)),
+            format!("routes[0].client_cert_file: {missing}: cannot read: "),
+        ),
+        (
+            route(&mtls(&cert, &not_pem)),
+            format!("routes[0].client_key_file: {not_pem}: no usable PEM private key"),
+        ),
+        (
+            route(&mtls(&cert, &other_key)),
+            "routes[0].client_key_file: ".to_string() + &other_key + ": the key does not fit",
+        ),
+        (
+            listener(missing, &key),
+            format!("proxy.tls.cert_file: {missing}: cannot read: "),
+        ),
+        (
+            listener(&not_pem, &key),
+            format!("proxy.tls.cert_file: {not_pem}: no PEM certificate"),
+        ),
+        (
+            listener(&cert, missing),
+            format!("proxy.tls.key_file: {missing}: cannot read: "),
+        ),
+        (
+            listener(&cert, &other_key),
+            format!("proxy.tls.key_file: {other_key}: the key does not fit"),
+        ),
+    ];
+    for (text, expected) in cases {
+        let cfg = write_config(&text);
+        fails_with(keygate(&cfg.path, &["config", "check"]), &expected);
+    }
+
+    // `serve` refuses the same way, naming the setting before it binds anything.
+    let cfg = write_config(&listener(missing, &key));
+    fails_with(
+        keygate(&cfg.path, &["serve"]),
+        "proxy.tls.cert_file: /nonexistent.pem: cannot read",
+    );
+
+    let good = format!(
+        "{}{}",
+        listener(&cert, &key),
+        route(&format!("ca_file = \"{cert}\"\n{}", mtls(&cert, &key)))
+    );
+    let out = ok(keygate(&write_config(&good).path, &["config", "check"]));
+    assert!(out.contains("configuration is valid"), "{out}");
+}
+
+#[test]
+fn config_check_names_bad_hashing_settings_and_warns_of_weak_ones() {
+    for (setting, path) in [
+        ("memory_kib = 1", "hashing.memory_kib: "),
+        ("iterations = 0", "hashing.iterations: "),
+        ("parallelism = 0", "hashing.parallelism: "),
+    ] {
+        let cfg = write_config(&format!("[hashing]\n{setting}\n"));
+        fails_with(keygate(&cfg.path, &["config", "check"]), path);
+    }
+
+    let cfg = write_config("[hashing]\nmemory_kib = 1024\niterations = 1\n");
+    let out = keygate(&cfg.path, &["config", "check"]);
+    assert!(out.status.success(), "weak hashing is not refused");
+    let warning = stderr(&out);
+    assert!(
+        warning.starts_with("warning: hashing.memory_kib = 1024 with hashing.iterations = 1 is below OWASP's minimum")
+            && warning.lines().count() == 1,
+        "{warning}"
+    );
+    let quiet = keygate(Path::new("config.example.toml"), &["config", "check"]);
+    assert_eq!(stderr(&quiet), "", "the defaults meet OWASP's minimum");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_warns_at_start_when_hashing_is_below_the_owasp_minimum() {
+    let db = TestDb::new(Engine::Sqlite).await;
+    let upstream = Upstream::start().await;
+    // The suite's usual configuration hashes with 1024 KiB and one iteration.
+    let served = Binary::start(&db.url, upstream.addr, "", &[], None).await;
+    let logs = served.stop();
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("below OWASP's minimum"))
+        .unwrap_or_else(|| panic!("no hashing warning in:\n{logs}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("hashing.memory_kib = 1024"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn a_reader_that_stops_early_ends_a_command_quietly() {
+    use std::io::BufRead;
+    // Far more output than a pipe holds, so keygate is still writing when the reader leaves.
+    let routes: String = (0..2000)
+        .map(|i| format!("[[routes]]\nname = \"route-{i}\"\npath_prefix = \"/r{i}\"\nupstream = \"http://127.0.0.1:1\"\nscope = \"r:read\"\n"))
+        .collect();
+    let cfg = write_config(&routes);
+    let mut child = Command::new(bin())
+        .arg("--config")
+        .arg(&cfg.path)
+        .args(["config", "check"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keygate");
+    // `keygate config check | head -1`
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert_eq!(first, "configuration is valid\n");
+    let out = child.wait_with_output().expect("wait");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+#[test]
+fn with_json_logs_a_fatal_error_is_one_json_line_like_the_log() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let db = tempfile::tempdir().expect("dir");
+    let base = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n",
+        db.path().join("k.db").display()
+    );
+    let flag = write_config(&base);
+    let file = write_config(&format!("{base}[log]\nformat = \"json\"\n"));
+    for out in [
+        keygate(&flag.path, &["--log-format", "json", "serve"]),
+        keygate(&file.path, &["serve"]),
+    ] {
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        let lines: Vec<serde_json::Value> = err
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let last = lines.last().expect("an error line");
+        assert_eq!(last["level"], "ERROR", "{err}");
+        let message = last["message"].as_str().expect("message");
+        assert!(
+            message.contains("cannot bind") && message.contains(&port.to_string()),
+            "{err}"
+        );
+        assert!(
+            last["target"]
+                .as_str()
+                .expect("target")
+                .starts_with("keygate"),
+            "{err}"
+        );
+        assert!(
+            last["timestamp"]
+                .as_str()
+                .expect("timestamp")
+                .ends_with('Z'),
+            "{err}"
+        );
+        // The same shape as the log lines before it (field names, not values).
+        if let Some(first) = lines.first().filter(|l| l["level"] != "ERROR") {
+            for field in ["timestamp", "level", "target"] {
+                assert!(first.get(field).is_some(), "{first}");
+            }
+        }
+    }
+    // A configuration error before the log format is known still follows the flag.
+    let bad = write_config("[proxy]\nlisten = \"nowhere\"\n");
+    let out = keygate(&bad.path, &["--log-format", "json", "config", "check"]);
+    let line: serde_json::Value = serde_json::from_str(stderr(&out).trim()).expect("json");
+    assert!(
+        line["message"]
+            .as_str()
+            .expect("message")
+            .contains("proxy.listen"),
+        "{line}"
+    );
+
+    // Text mode is unchanged: the last line is `error: ...`.
+    let out = keygate(&flag.path, &["serve"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let last = err.lines().last().expect("an error line");
+    assert!(last.starts_with("error: cannot bind proxy.listen"), "{err}");
+    drop(taken);
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_1_while_help_and_version_exit_0() {
+    let db = tempfile::tempdir().expect("dir");
+    let cfg = write_config(&format!(
+        "[database]\nurl = \"sqlite://{}\"\n[hashing]\nmemory_kib = 1024\niterations = 1\n",
+        db.path().join("k.db").display()
+    ));
+    ok(keygate(&cfg.path, &["account", "create", "billing"]));
+
+    // A negative duration reaches keygate's own parser instead of reading as a flag.
+    let create = |flag: &str, value: &str| {
+        keygate(
+            &cfg.path,
+            &[
+                "key",
+                "create",
+                "--account",
+                "billing",
+                "--name",
+                "ci",
+                "--scope",
+                "a:read",
+                flag,
+                value,
+            ],
+        )
+    };
+    fails_with(create("--expires-in", "-1d"), "`-1d` is not a duration");
+    fails_with(create("--expires-at", "-2026-01-01T00:00:00Z"), "RFC 3339");
+    fails_with(
+        keygate(&cfg.path, &["key", "expire", "kgsAAAAA", "--in", "-5m"]),
+        "`-5m` is not a duration",
+    );
+
+    for (args, needle) in [
+        (
+            &["config", "check", "--foo"][..],
+            "error: unexpected argument '--foo' found; see --help",
+        ),
+        (
+            &["key", "frobnicate"][..],
+            "error: unrecognized subcommand 'frobnicate'; see --help",
+        ),
+        (
+            &["--log-format", "xml", "config", "check"][..],
+            "error: invalid value 'xml' for '--log-format <LOG_FORMAT>' [possible values: text, json]; see --help",
+        ),
+        (
+            &["user", "add", "--email", "a@example.com", "--role", "viewer"][..],
+            "error: the following required arguments were not provided: --password-stdin; see --help",
+        ),
+    ] {
+        let out = keygate(&cfg.path, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with(needle), "{args:?}: {err}");
+    }
+
+    for args in [
+        &["--help"][..],
+        &["key", "create", "--help"],
+        &["--version"],
+    ] {
+        let out = keygate(&cfg.path, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            stderr(&out).is_empty() && !stdout(&out).is_empty(),
+            "{args:?}"
+        );
+    }
+    let out = keygate(&cfg.path, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: 'keygate' requires a subcommand but one was not provided \
+         [subcommands: serve, migrate, config, account, key, user, gateway, help]; see --help\n"
+    );
+}

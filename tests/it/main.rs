@@ -6,6 +6,7 @@ mod harness;
 mod admin_api;
 mod cli;
 mod console;
+mod database_tls;
 mod fleet;
 mod gateways;
 mod hostile;
