@@ -260,8 +260,10 @@ both_engines! {
             assert!(started.elapsed() < Duration::from_secs(5), "not applied everywhere: {change}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let unknown = fleet.admin_get(0, "/admin/api/v1/sidecars?key_prefix=kg_nope").await;
-        assert_eq!(unknown.status, 404);
+        let unknown = fleet.admin_get(0, "/admin/api/v1/sidecars?key_prefix=kgsZZZZZ").await;
+        assert_eq!(unknown.status, 404, "no key has this prefix");
+        let malformed = fleet.admin_get(0, "/admin/api/v1/sidecars?key_prefix=kg_nope").await;
+        assert_eq!(malformed.status, 400, "not a prefix at all");
 
         // A sidecar that stops gracefully leaves the list at once.
         let mut fleet = fleet;
