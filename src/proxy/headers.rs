@@ -156,10 +156,31 @@ fn token(bytes: &[u8]) -> Result<&str, CredentialError> {
 }
 
 /// Is `value` a valid `Host`: a uri-host with an optional port (RFC 9110 §7.2, RFC 3986
-/// §3.2.2), without userinfo? A plain name or IPv4 address (letters, digits, `-`, `.`) and a
-/// numeric port are checked here without allocating; any other host (an IP literal, a name
-/// with sub-delims) is left to `http`'s `Authority` parser, which copies it.
+/// §3.2.2), without userinfo? The usual host, a name or IPv4 address (letters, digits, `-`,
+/// `.`) with an optional numeric port, is checked in one pass without allocating; any other
+/// (an IP literal, a name with sub-delims) is left to `http`'s `Authority` parser, which
+/// copies it.
 pub fn valid_host(value: &[u8]) -> bool {
+    let name = value
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+        .unwrap_or(value.len());
+    match value.get(name) {
+        None => name > 0,
+        Some(b':') if name > 0 => valid_port(&value[name + 1..]),
+        Some(_) => other_host(value),
+    }
+}
+
+/// A port: 1–5 digits, at most 65535.
+fn valid_port(p: &[u8]) -> bool {
+    (1..=5).contains(&p.len())
+        && p.iter().all(u8::is_ascii_digit)
+        && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
+}
+
+/// `valid_host` for a host that is not a plain name or IPv4 address.
+fn other_host(value: &[u8]) -> bool {
     // A port follows the last `:`, unless that colon is inside an IP literal `[..]`.
     let (host, port) = match value.iter().rposition(|&b| b == b':') {
         Some(i) if !value[..i].contains(&b':') || value[..i].ends_with(b"]") => {
@@ -167,15 +188,10 @@ pub fn valid_host(value: &[u8]) -> bool {
         }
         _ => (value, None),
     };
-    let port_ok = port.is_none_or(|p| {
-        (1..=5).contains(&p.len())
-            && p.iter().all(u8::is_ascii_digit)
-            && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
-    });
-    let plain = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.';
-    port_ok
+    port.is_none_or(valid_port)
         && !host.is_empty()
-        && (host.iter().all(plain) || (!host.contains(&b'@') && Authority::try_from(host).is_ok()))
+        && !host.contains(&b'@')
+        && Authority::try_from(host).is_ok()
 }
 
 /// Finds the key in `headers` (see `Scan::key`).
