@@ -113,38 +113,35 @@ impl Store {
     ) -> Result<User, StoreError> {
         let user = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
-            if only_if_none {
-                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if n > 0 {
-                    return Err(StoreError::Conflict(
-                        "setup is already complete: a user exists".into(),
-                    ));
-                }
-            }
             // Emails are one address whatever their case: the login finds them without case.
-            let taken: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE lower(email) = lower($1)")
-                    .bind(email)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if taken > 0 {
-                return Err(StoreError::Conflict(format!(
-                    "a user with email `{email}` already exists (emails are compared without case)"
-                )));
-            }
+            // The setup adds a user only while there is none. Both checks are in the one
+            // statement that writes, not a read and then a write: on SQLite a transaction that
+            // reads first cannot take the write lock once another connection has written
+            // (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out).
             let user = sqlx::query_as::<_, User>(
-                "INSERT INTO users (email, password_hash, role, created_at) VALUES ($1, $2, $3, $4)
+                "INSERT INTO users (email, password_hash, role, created_at)
+                 SELECT $1, $2, $3, $4
+                  WHERE NOT EXISTS (SELECT 1 FROM users WHERE lower(email) = lower($1))
+                    AND NOT ($5 AND EXISTS (SELECT 1 FROM users))
                  RETURNING id, email, role, created_at, disabled_at",
             )
             .bind(email)
             .bind(password_hash)
             .bind(role)
             .bind(now_ms)
-            .fetch_one(&mut *tx)
+            .bind(only_if_none)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(|e| conflict(e, || format!("a user with email `{email}` already exists")))?;
+            .map_err(|e| conflict(e, || format!("a user with email `{email}` already exists")))?
+            .ok_or_else(|| {
+                StoreError::Conflict(if only_if_none {
+                    "setup is already complete: a user exists".into()
+                } else {
+                    format!(
+                        "a user with email `{email}` already exists (emails are compared without case)"
+                    )
+                })
+            })?;
             let mut audit = audit.clone();
             // The setup link has no actor yet: the new owner is its own actor.
             if audit.actor_type == "setup" {
