@@ -15,7 +15,7 @@ use prometheus::IntGauge;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::keys::{KeyEntry, KeyKind};
+use crate::keys::{KeyEntry, KeyKind, KEY_LEN, PREFIX_LEN};
 use crate::metrics::QueueMetrics;
 use crate::store::{AuditEntry, Store, StoreError};
 
@@ -165,39 +165,28 @@ impl AuditQueue {
 
 /// A path with every key in it cut to its prefix: a client that puts a key in a URL (a
 /// webhook registered with its key in the path, say) must not have it stored in the audit
-/// log. Keys are found by their shape, `kg[sg]` + 5 + `_` + 38 characters of base62, the
-/// pattern secret scanners use; the path check has already refused encoded characters.
+/// log. Keys are found by their shape (`keys::starts_with_key_shape`); the path check has
+/// already refused encoded characters.
 fn redact_keys(path: &str) -> std::borrow::Cow<'_, str> {
-    const KEY_LEN: usize = 47;
     let b = path.as_bytes();
-    let alnum = |s: &[u8]| s.iter().all(u8::is_ascii_alphanumeric);
-    let key_at = |i: usize| {
-        b.len() >= i + KEY_LEN
-            && b[i..].starts_with(b"kg")
-            && matches!(b[i + 2], b's' | b'g')
-            && alnum(&b[i + 3..i + 8])
-            && b[i + 8] == b'_'
-            && alnum(&b[i + 9..i + KEY_LEN])
-    };
-    if !(0..b.len()).any(key_at) {
-        return std::borrow::Cow::Borrowed(path);
-    }
-    let mut out = String::with_capacity(path.len());
-    let mut i = 0;
+    let mut out = String::new();
+    // `path[copied..]` is not in `out` yet. A key is ASCII, so where one starts and ends are
+    // character boundaries.
+    let (mut copied, mut i) = (0, 0);
     while i < b.len() {
-        if key_at(i) {
-            out.push_str(&path[i..i + 9]);
-            out.push_str("[redacted]");
+        if crate::keys::starts_with_key_shape(&b[i..]) {
+            out.push_str(&path[copied..i + PREFIX_LEN]);
+            out.push_str("_[redacted]");
             i += KEY_LEN;
+            copied = i;
         } else {
-            // Keys are ASCII, so a match starts on a character boundary; copy up to the next.
-            let next = (i + 1..=b.len())
-                .find(|&j| path.is_char_boundary(j))
-                .unwrap_or(b.len());
-            out.push_str(&path[i..next]);
-            i = next;
+            i += 1;
         }
     }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    out.push_str(&path[copied..]);
     std::borrow::Cow::Owned(out)
 }
 

@@ -229,12 +229,7 @@ impl Manager {
 
     /// The key with `prefix` (as shown in lists).
     pub async fn key_by_prefix(&self, prefix: &str) -> Result<KeyRecord, ManageError> {
-        let parsed = KeyPrefix::parse(prefix).map_err(|_| {
-            ManageError::Invalid(format!(
-                "`{}` is not a key prefix (8 characters, e.g. kgsA1b2C)",
-                echo_ref(prefix)
-            ))
-        })?;
+        let parsed = parse_prefix(prefix)?;
         if parsed.kind() != KeyKind::ServiceAccount {
             return Err(ManageError::Invalid(format!(
                 "`{prefix}` is a gateway key; gateway keys are managed by pairing: use `keygate gateway unpair` or `keygate gateway repair`"
@@ -682,12 +677,22 @@ impl std::fmt::Debug for Password {
     }
 }
 
+/// A key prefix someone typed (the CLI's argument, an API parameter), or what is wrong with it.
+pub fn parse_prefix(typed: &str) -> Result<KeyPrefix, ManageError> {
+    KeyPrefix::parse(typed).map_err(|_| {
+        ManageError::Invalid(format!(
+            "`{}` is not a key prefix (8 characters, e.g. kgsA1b2C)",
+            echo_ref(typed)
+        ))
+    })
+}
+
 /// What a message repeats of a key reference someone typed: at most a prefix's 8
 /// characters, since people paste whole keys where a prefix belongs, and a key must never be
 /// printed, logged or returned after its creation.
 pub fn echo_ref(typed: &str) -> String {
     let mut chars = typed.chars();
-    let shown: String = chars.by_ref().take(8).collect();
+    let shown: String = chars.by_ref().take(keys::PREFIX_LEN).collect();
     if chars.next().is_some() {
         format!("{shown}…")
     } else {

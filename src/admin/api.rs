@@ -23,7 +23,7 @@ use super::session::{self, ApiUser, ClientAddr, CurrentUser};
 use super::AdminState;
 use crate::clock::{parse_duration_ms, parse_rfc3339, rfc3339};
 use crate::keys::{KeyKind, KeyPrefix};
-use crate::manage::{echo_ref, key_json, Password};
+use crate::manage::{echo_ref, key_json, parse_prefix, Password};
 use crate::store::{Account, AuditFilter, AuditRecord, KeyRecord};
 
 /// The CSRF header state-changing API calls carry.
@@ -354,7 +354,7 @@ impl AuditQuery {
             t => Ok(t.map(str::to_string)),
         };
         let key_prefix = match self.key_prefix.as_deref().filter(|s| !s.is_empty()) {
-            Some(p) => Some(prefix_param(p)?.to_string()),
+            Some(p) => Some(parse_prefix(p)?.to_string()),
             None => None,
         };
         let export = self.format.as_deref() == Some("jsonl");
@@ -518,17 +518,6 @@ async fn key_ref(state: &AdminState, key_ref: &str) -> Result<KeyRecord, AdminEr
             echo_ref(key_ref)
         ))),
     }
-}
-
-/// A key prefix given as a query parameter: 400 for anything that is not one. What the client
-/// sent is not repeated past a prefix's length: it may be a whole key.
-pub(super) fn prefix_param(p: &str) -> Result<KeyPrefix, AdminError> {
-    KeyPrefix::parse(p).map_err(|_| {
-        AdminError::Invalid(format!(
-            "`{}` is not a key prefix (8 characters, e.g. kgsA1b2C)",
-            echo_ref(p)
-        ))
-    })
 }
 
 /// Whether the request says its body is JSON (`application/json`, any parameters).

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::session::ApiUser;
+use super::AdminError;
 use super::AdminState;
 use crate::fleet;
 
@@ -37,9 +38,9 @@ pub async fn list_sidecars(
         "sidecars": sidecars,
     });
     if let Some(prefix) = query.key_prefix {
-        let prefix = match super::api::prefix_param(&prefix) {
+        let prefix = match crate::manage::parse_prefix(&prefix) {
             Ok(p) => p,
-            Err(e) => return e.into_response(),
+            Err(e) => return AdminError::from(e).into_response(),
         };
         match fleet::applied(&state.store, prefix.as_str(), now, state.heartbeat_interval).await {
             Ok(Some(applied)) => body["change"] = json!(applied),

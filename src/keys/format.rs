@@ -186,6 +186,18 @@ pub enum ParseError {
     Checksum,
 }
 
+/// Whether `b` starts with something shaped like a key: a marker, base62, `_`, base62, the
+/// pattern secret scanners match. The checksum is not checked: a key with a typo in it is
+/// still a leaked key.
+pub fn starts_with_key_shape(b: &[u8]) -> bool {
+    let base62 = |part: &[u8]| part.iter().all(|&c| IN_ALPHABET[c as usize]);
+    b.len() >= KEY_LEN
+        && KeyKind::from_marker(&b[..MARKER_LEN]).is_some()
+        && base62(&b[MARKER_LEN..PREFIX_LEN])
+        && b[PREFIX_LEN] == b'_'
+        && base62(&b[PREFIX_LEN + 1..KEY_LEN])
+}
+
 /// Checks shape and checksum. Costs a CRC32 over 41 bytes; touches no table.
 pub fn parse(s: &str) -> Result<ParsedKey<'_>, ParseError> {
     let b = s.as_bytes();

@@ -9,8 +9,8 @@ mod throttle;
 mod verify;
 
 pub use format::{
-    generate, parse, with_checksum, KeyKind, KeyPrefix, ParseError, ParsedKey, PlaintextKey,
-    PrefixMap, KEY_LEN, PREFIX_LEN,
+    generate, parse, starts_with_key_shape, with_checksum, KeyKind, KeyPrefix, ParseError,
+    ParsedKey, PlaintextKey, PrefixMap, KEY_LEN, PREFIX_LEN,
 };
 pub use hash::{hash_key, hasher, verify_hash};
 pub use scope::{Scope, Scopes};
