@@ -306,6 +306,7 @@ impl Keygate {
     /// nothing.
     pub fn reload_file(&self, path: Option<&Path>) -> Result<(), ReloadError> {
         let config = Config::load(path, std::env::vars())?;
+        config.check_files()?;
         self.reload(&config)
     }
 

@@ -161,6 +161,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
     match cli.command {
         Command::Serve => {
+            config.check_files()?;
             crate::telemetry::init(config.log.format, &config.log.filter);
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
@@ -181,6 +182,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check) => {
+            config.check_files()?;
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }

@@ -324,15 +324,14 @@ impl Config {
         let origin = path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "config".into());
-        let config = Config::from_toml(&text, &origin, env)?;
-        config.check_files()?;
-        Ok(config)
+        Config::from_toml(&text, &origin, env)
     }
 
     /// Opens every TLS file the configuration names and parses it as `serve` will, so a
     /// missing or malformed file fails `config check` and the start with its setting's path
-    /// (`routes[0].ca_file: /etc/ca.pem: cannot read: ...`). `load` calls it; `from_toml`
-    /// leaves the file system alone.
+    /// (`routes[0].ca_file: /etc/ca.pem: cannot read: ...`). `serve`, `config check` and a
+    /// SIGHUP reload call it; the key and account commands, which use no TLS file, do not (an
+    /// operator may run them without read access to the listener's key).
     pub fn check_files(&self) -> Result<(), ConfigError> {
         use crate::tls::{check_certs, check_key, check_pair};
         let named =

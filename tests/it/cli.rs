@@ -454,6 +454,14 @@ fn config_check_opens_every_tls_file_and_names_the_setting_of_a_bad_one() {
         keygate(&cfg.path, &["serve"]),
         "proxy.tls.cert_file: /nonexistent.pem: cannot read",
     );
+    // Commands that use no TLS file do not open them: an operator may run `keygate key ...`
+    // without read access to the listener's key.
+    let db = dir.path().join("k.db").display().to_string();
+    let cfg = write_config(&format!(
+        "[database]\nurl = \"sqlite://{db}\"\n{}",
+        listener(missing, &key)
+    ));
+    ok(keygate(&cfg.path, &["account", "list"]));
 
     let good = format!(
         "{}{}",
